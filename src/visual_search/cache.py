@@ -1,0 +1,81 @@
+"""Artifact keys and atomic writes.
+
+A key is a hash of the canonical JSON of everything that changes an artifact, so a changed
+setting gives a new key and an old artifact is never trusted for it. Every write goes to a
+temporary file that is renamed into place: an interrupted run leaves no half-written artifact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+def key(fields: dict[str, Any]) -> str:
+    """Short stable hash of a JSON-able dict (key order does not matter)."""
+    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:20]
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write bytes to `path` through a temporary file in the same directory."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, obj: Any) -> None:
+    write_atomic(path, json.dumps(obj, indent=1, sort_keys=True, default=str).encode())
+
+
+class VectorStore:
+    """Vectors addressed by the sha256 of what produced them, in append-only shards.
+
+    One store holds one producer (a model, its weights and preprocessing, ...), described in
+    `producer.json`. Rows are keyed by content hash, so an image shared by two datasets or two
+    protocols is embedded once, and a renamed file is not embedded again. Each `put` adds one
+    `shard-*.npz` file (arrays `hashes` and `vectors`) that `numpy.load` reads on its own.
+    """
+
+    def __init__(self, directory: Path, producer: dict[str, Any]):
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+        if not (directory / "producer.json").exists():
+            write_json(directory / "producer.json", producer)
+
+    def get(self, hashes: Sequence[str]) -> tuple[np.ndarray, np.ndarray | None]:
+        """Look up rows: a (n,) bool mask of those found, and their vectors in input order."""
+        rows: dict[str, np.ndarray] = {}
+        for shard in sorted(self.directory.glob("shard-*.npz")):
+            with np.load(shard) as z:
+                rows.update(zip(z["hashes"].tolist(), z["vectors"], strict=True))
+        found = np.array([h in rows for h in hashes], dtype=bool)
+        if not found.any():
+            return found, None
+        return found, np.stack([rows[h] for h, f in zip(hashes, found, strict=True) if f])
+
+    def put(self, hashes: Sequence[str], vectors: np.ndarray) -> None:
+        if len(hashes) == 0:
+            return
+        buffer = io.BytesIO()
+        np.savez(buffer, hashes=np.array(hashes), vectors=vectors)
+        name = f"shard-{key({'hashes': list(hashes)})}.npz"
+        write_atomic(self.directory / name, buffer.getvalue())
+        log.debug("stored %d vectors in %s", len(hashes), self.directory / name)

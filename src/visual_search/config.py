@@ -1,0 +1,136 @@
+"""Config schemas for every group, registered with Hydra's ConfigStore.
+
+The primary config (`configs/config.yaml`) starts from `config_schema`, so a misspelt key or a
+value of the wrong type fails when Hydra composes the config, before any compute. Checks that
+need more than a type (a dataset root that exists, a weights name that resolves) live in the
+module that owns the stage and run in `pipeline.validate`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+class DatasetKind(Enum):
+    corel1k = "corel1k"
+    grocery = "grocery"
+    folder = "folder"
+
+
+class Protocol(Enum):
+    """How queries and database are drawn from a dataset."""
+
+    leave_one_out = "leave_one_out"  # every image queries all the others
+    street2shop = "street2shop"  # Grocery Store: test photos against the iconic product images
+    natural = "natural"  # Grocery Store: test photos against train photos
+    split = "split"  # own images: a `split` column in the CSV manifest says query or database
+
+
+class Relevance(Enum):
+    fine = "fine"  # same class
+    coarse = "coarse"  # same coarse class (Grocery Store only)
+
+
+class TieRule(Enum):
+    pessimistic = "pessimistic"
+    optimistic = "optimistic"
+    expected = "expected"
+
+
+@dataclass
+class PathsConfig:
+    data: str = MISSING
+    models: str = MISSING
+    cache: str = MISSING
+
+
+@dataclass
+class DatasetConfig:
+    name: str = MISSING
+    kind: DatasetKind = MISSING
+    root: str = MISSING
+    protocol: Protocol = Protocol.leave_one_out
+    relevance: Relevance = Relevance.fine
+    # Own images: a CSV manifest (path,label[,split]) instead of a folder per class.
+    manifest: str | None = None
+    # Keep the first N images of each class (sorted by path): a fast, deterministic subset.
+    limit_per_class: int | None = None
+    # Where a missing copy is fetched from, and the checksum it must match.
+    url: str | None = None
+    archive_subdir: str | None = None
+    content_sha256: str | None = None
+
+
+@dataclass
+class DecodeConfig:
+    background: list[int] = field(default_factory=lambda: [255, 255, 255])
+    max_pixels: int = 89_478_485
+
+
+@dataclass
+class EmbedderConfig:
+    backend: str = "torchvision"  # torchvision | timm
+    arch: str = "mobilenet_v2"
+    # A torchvision weights name (IMAGENET1K_V1) or a path to a state_dict file.
+    weights: str = "IMAGENET1K_V1"
+    # File name looked up in paths.models before anything is downloaded.
+    local_file: str | None = None
+    # For a weights file: the published weights whose preprocessing the file was trained with.
+    preprocess_from: str | None = None
+    batch_size: int = 32
+    num_workers: int = 1
+    threads: int | None = None  # torch intra-op threads; None = all cores
+    channels_last: bool = True
+
+
+@dataclass
+class IndexConfig:
+    name: str = "flat"
+    factory: str = "Flat"
+
+
+@dataclass
+class SearchConfig:
+    # Depth of each ranking; None ranks the whole database (what full mAP needs).
+    k: int | None = None
+    # Queries per search call, so scores never exceed chunk x database in memory.
+    max_pairs_per_chunk: int = 4_000_000
+
+
+@dataclass
+class EvalConfig:
+    ks: list[int] = field(default_factory=lambda: [1, 5, 10, 20, 50, 100])
+    ties: TieRule = TieRule.pessimistic
+    grid_queries: int = 6
+    grid_k: int = 8
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    uri: str = MISSING
+    artifact_root: str | None = None
+    experiment: str = MISSING
+    run_name: str | None = None
+
+
+@dataclass
+class Config:
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    embedder: EmbedderConfig = field(default_factory=EmbedderConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    seed: int = 0
+
+
+def register_configs() -> None:
+    """Make the schema available to `defaults` lists as `config_schema`."""
+    ConfigStore.instance().store(name="config_schema", node=Config)

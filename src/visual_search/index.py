@@ -1,0 +1,98 @@
+"""FAISS indexes over L2-normalised embeddings, built from factory strings, and their search.
+
+Every index uses the inner-product metric on unit-norm rows, so scores are cosine similarities.
+Building and searching are separate calls: a sweep builds once and searches with many settings.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import faiss
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+def normalise(x: np.ndarray) -> np.ndarray:
+    """L2-normalise rows; the one normalisation every path (database, query, Grad-CAM) uses.
+
+    Args:
+        x: (n, d) or (d,) array of any float dtype and memory layout.
+
+    Returns:
+        (n, d) float32 C-contiguous array with unit-norm rows; all-zero rows stay zero.
+    """
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim == 1:
+        x = x[None, :]
+    if x.ndim != 2:
+        raise ValueError(f"embeddings must be (n, d), got shape {x.shape}")
+    if not np.isfinite(x).all():
+        raise ValueError("embeddings contain NaN or infinite values")
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return np.ascontiguousarray(x / np.maximum(norms, np.finfo(np.float32).tiny))
+
+
+def build(database: np.ndarray, factory: str = "Flat") -> faiss.Index:
+    """Build an inner-product index on the database from a FAISS factory string.
+
+    Args:
+        database: (n, d) embeddings; normalised here, whatever their dtype or layout.
+        factory: a FAISS index factory string, e.g. ``Flat``.
+    """
+    xb = normalise(database)
+    try:
+        index = faiss.index_factory(xb.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as err:
+        raise ValueError(f"index.factory={factory!r} is not a valid FAISS factory string") from err
+    if not index.is_trained:
+        index.train(xb)
+    index.add(xb)
+    log.info("built %s index: %d vectors of dimension %d", factory, index.ntotal, index.d)
+    return index
+
+
+def search(
+    index: faiss.Index,
+    queries: np.ndarray,
+    k: int,
+    exclude: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k database neighbours of each query, by cosine similarity.
+
+    Args:
+        index: built by `build`.
+        queries: (nq, d) embeddings; normalised here.
+        k: neighbours wanted; more than the database holds gives the whole database.
+        exclude: (nq,) database id to leave out of each query's results (the query itself when
+            queries are part of the database), -1 for none.
+
+    Returns:
+        scores (nq, k') float32 and ids (nq, k') int64, best first, k' = min(k, available).
+        No -1 id is ever returned: FAISS pads short result lists with -1, and those are cut.
+    """
+    if k <= 0:
+        raise ValueError(f"k must be positive, got {k}")
+    xq = normalise(queries)
+    if xq.shape[1] != index.d:
+        raise ValueError(f"queries have dimension {xq.shape[1]}, the index {index.d}")
+    extra = 1 if exclude is not None else 0
+    depth = min(k + extra, index.ntotal)
+    scores, ids = index.search(xq, depth)
+    if exclude is not None:
+        scores, ids = _drop(scores, ids, ids == np.asarray(exclude)[:, None])
+    # Approximate indexes can return fewer than `depth` hits (-1 ids) for some queries; keep the
+    # columns every query filled and leave the rest to the caller as -1 at the end of a row.
+    scores, ids = _drop(scores, ids, ids < 0)
+    width = min(k, int((ids >= 0).sum(axis=1).max(initial=0)))
+    return scores[:, :width], ids[:, :width]
+
+
+def _drop(scores: np.ndarray, ids: np.ndarray, mask: np.ndarray):
+    """Move masked entries to the end of each row (order kept) and mark them -1 / -inf."""
+    order = np.argsort(mask, axis=1, kind="stable")
+    scores = np.take_along_axis(scores, order, axis=1)
+    ids = np.take_along_axis(ids, order, axis=1)
+    moved = np.take_along_axis(mask, order, axis=1)
+    return np.where(moved, -np.inf, scores).astype(np.float32), np.where(moved, -1, ids)

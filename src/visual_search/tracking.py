@@ -1,0 +1,77 @@
+"""MLflow tracking: one experiment per dataset, the flattened resolved config as params.
+
+The default store is local (SQLite plus an artifacts folder); `tracking.uri` (or the
+MLFLOW_TRACKING_URI variable) points at a tracking server instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+MAX_PARAM_CHARS = 6000  # MLflow's limit on one param value
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested mapping -> {"a.b.c": "value"}; lists stay whole, as their string form."""
+    flat: dict[str, str] = {}
+    for name, value in tree.items():
+        path = f"{prefix}{name}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{path}."))
+        else:
+            flat[path] = str(value)[:MAX_PARAM_CHARS]
+    return flat
+
+
+def local_uri(uri: str) -> str:
+    """Make a relative `sqlite:///path` absolute (MLflow resolves it against the cwd anyway,
+    but the logged location should say where the store really is) and create its folder."""
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix) or uri.startswith(prefix + "/"):
+        return uri
+    path = Path(uri[len(prefix) :]).resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return prefix + str(path)
+
+
+def log_run(
+    tracking_cfg,
+    params: Mapping[str, Any],
+    metrics: Mapping[str, float],
+    artifacts: Iterable[Path],
+) -> str:
+    """Record one run and return its id.
+
+    Args:
+        tracking_cfg: the `tracking` config group.
+        params: the resolved config as a nested mapping (flattened here).
+        metrics: scalar metrics; non-finite values are left out (MLflow rejects NaN).
+        artifacts: files copied into the run.
+    """
+    import mlflow
+
+    uri = local_uri(tracking_cfg.uri)
+    mlflow.set_tracking_uri(uri)
+    experiment = mlflow.get_experiment_by_name(tracking_cfg.experiment)
+    if experiment is None:
+        location = None
+        if tracking_cfg.artifact_root and uri.startswith("sqlite:"):
+            location = Path(tracking_cfg.artifact_root).resolve().as_uri()
+        experiment_id = mlflow.create_experiment(tracking_cfg.experiment, location)
+    else:
+        experiment_id = experiment.experiment_id
+
+    with mlflow.start_run(experiment_id=experiment_id, run_name=tracking_cfg.run_name) as run:
+        mlflow.log_params(flatten(params))
+        finite = {k: float(v) for k, v in metrics.items() if math.isfinite(float(v))}
+        mlflow.log_metrics(finite)
+        for path in artifacts:
+            mlflow.log_artifact(str(path))
+    log.info("MLflow run %s in experiment %s (%s)", run.info.run_id, tracking_cfg.experiment, uri)
+    return run.info.run_id

@@ -1,0 +1,62 @@
+"""Figures a single run leaves behind: the retrieval grid."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # figures are files; no display is needed or wanted
+
+import matplotlib.pyplot as plt  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from visual_search.images import DecodeError, load_rgb  # noqa: E402
+
+RELEVANT, NOT_RELEVANT, QUERY = "#1a9850", "#d73027", "#2c7bb6"
+
+
+def retrieval_grid(
+    queries: Sequence[Path],
+    results: Sequence[Sequence[Path]],
+    relevant: Sequence[Sequence[bool]],
+    scores: Sequence[Sequence[float]],
+    path: Path,
+    thumb: int = 128,
+) -> Path:
+    """Save a grid: one row per query (blue frame), then its top results, framed green when
+    relevant and red when not, each titled with its rank and cosine similarity."""
+    cols = 1 + max((len(r) for r in results), default=0)
+    fig, axes = plt.subplots(
+        len(queries), cols, figsize=(1.5 * cols, 1.65 * len(queries)), squeeze=False
+    )
+    for row, query in enumerate(queries):
+        _tile(axes[row][0], query, QUERY, "query", thumb)
+        for col, (hit, is_rel, score) in enumerate(
+            zip(results[row], relevant[row], scores[row], strict=True), start=1
+        ):
+            colour = RELEVANT if is_rel else NOT_RELEVANT
+            _tile(axes[row][col], hit, colour, f"#{col}  {score:.3f}", thumb)
+        for col in range(1 + len(results[row]), cols):
+            axes[row][col].axis("off")
+    fig.suptitle("Query (blue) and top results: green relevant, red not", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _tile(ax, image_path: Path, colour: str, title: str, thumb: int) -> None:
+    try:
+        image = load_rgb(image_path)
+        image.thumbnail((thumb, thumb))
+    except DecodeError:
+        image = Image.new("RGB", (thumb, thumb), (200, 200, 200))
+    ax.imshow(image)
+    ax.set_title(title, fontsize=7)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for spine in ax.spines.values():
+        spine.set_edgecolor(colour)
+        spine.set_linewidth(3)
