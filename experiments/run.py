@@ -30,12 +30,16 @@ def format_results(cfg: DictConfig, results: dict, out_dir: Path) -> str:
     """The table printed at the end of a run."""
     shown = ["map"] + [k for k in results if k.startswith(("precision_at", "recall_at"))]
     shown += ["n_queries", "n_database", "n_skipped", "embed_s", "search_s"]
-    lines = [f"\n{cfg.dataset.name} | {cfg.embedder.backend}/{cfg.embedder.arch} | {cfg.index.factory}"]
+    lines = [
+        f"\n{cfg.dataset.name} | {cfg.embedder.backend}/{cfg.embedder.arch} | {cfg.index.factory}"
+    ]
     lines += [f"  {name:<22} {_fmt(results[name])}" for name in shown if name in results]
     lines.append(f"  outputs: {out_dir}")
     if "mlflow_run_id" in results:
-        lines.append(f"  mlflow:  run {results['mlflow_run_id']} in {cfg.tracking.experiment} "
-                     f"({cfg.tracking.uri})")
+        lines.append(
+            f"  mlflow:  run {results['mlflow_run_id']} in {cfg.tracking.experiment} "
+            f"({cfg.tracking.uri})"
+        )
     return "\n".join(lines)
 
 

@@ -139,7 +139,7 @@ def _sha256_file(path: Path) -> str:
 
 def _where_to_get(cfg, problem: str) -> str:
     hint = (
-        f"set VISUAL_SEARCH_DATA (or paths.data=...) to the folder that holds '{Path(cfg.root).name}'"
+        f"set VISUAL_SEARCH_DATA (or paths.data=...) to the folder holding '{Path(cfg.root).name}'"
         if DatasetKind(cfg.kind) is not DatasetKind.folder
         else "set dataset.root=DIR to a folder of class sub-folders, or dataset.manifest=FILE.csv"
     )

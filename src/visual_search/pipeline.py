@@ -75,7 +75,9 @@ def validate(cfg: DictConfig) -> None:
     if cfg.search.k is not None and cfg.search.k <= 0:
         problems.append(f"search.k must be positive or null (whole database), got {cfg.search.k}")
     if cfg.search.max_pairs_per_chunk <= 0:
-        problems.append(f"search.max_pairs_per_chunk must be positive, got {cfg.search.max_pairs_per_chunk}")
+        problems.append(
+            f"search.max_pairs_per_chunk must be positive, got {cfg.search.max_pairs_per_chunk}"
+        )
     if cfg.embedder.batch_size <= 0 or cfg.embedder.num_workers < 0:
         problems.append(
             f"embedder.batch_size must be positive and embedder.num_workers >= 0, got "
@@ -108,7 +110,12 @@ def embed_dataset(cfg: DictConfig, dataset: data.Dataset, embedder: embed.Embedd
     if cached is not None:
         vectors[used[found]] = cached
     missing = used[~found]
-    log.info("embeddings: %d cached, %d to compute (store %s)", found.sum(), len(missing), store.directory)
+    log.info(
+        "embeddings: %d cached, %d to compute (store %s)",
+        found.sum(),
+        len(missing),
+        store.directory,
+    )
     skipped: dict[str, str] = {}
     if len(missing):
         paths = [dataset.root / dataset.items[i] for i in missing]
@@ -152,14 +159,21 @@ def evaluate(cfg: DictConfig, built, embedded: Embedded) -> Evaluation:
         relevant, valid = metrics.rank_relevance(ids, query_labels[s:e], database_labels)
         parts.append(
             metrics.query_metrics(
-                scores, relevant, valid, n_relevant[s:e], tuple(cfg.eval.ks),
+                scores,
+                relevant,
+                valid,
+                n_relevant[s:e],
+                tuple(cfg.eval.ks),
                 TieRule(cfg.eval.ties).value,
             )
         )
         tops.append(_pad(ids[:, :grid_k], grid_k, -1))
         top_scores.append(_pad(scores[:, :grid_k], grid_k, np.nan))
     return Evaluation(
-        metrics.QueryMetrics.concat(parts), np.concatenate(tops), np.concatenate(top_scores), search_s
+        metrics.QueryMetrics.concat(parts),
+        np.concatenate(tops),
+        np.concatenate(top_scores),
+        search_s,
     )
 
 
@@ -199,8 +213,14 @@ def write_outputs(cfg, embedded: Embedded, evaluation: Evaluation, results: dict
     cache.write_json(paths["metrics"], results)
     _write_per_query(paths["per_query"], cfg, ds, evaluation)
     query_labels = ds.labels[ds.query]
-    _write_rows(paths["per_class"], metrics.per_class(evaluation.per_query, query_labels, ds.class_names))
-    _write_rows(paths["skipped"], [{"id": k, "reason": v} for k, v in embedded.skipped.items()], ["id", "reason"])
+    _write_rows(
+        paths["per_class"], metrics.per_class(evaluation.per_query, query_labels, ds.class_names)
+    )
+    _write_rows(
+        paths["skipped"],
+        [{"id": k, "reason": v} for k, v in embedded.skipped.items()],
+        ["id", "reason"],
+    )
     _write_grid(paths["grid"], cfg, ds, evaluation)
     return list(paths.values())
 
@@ -209,7 +229,11 @@ def _write_per_query(path: Path, cfg, ds: data.Dataset, evaluation: Evaluation) 
     pq = evaluation.per_query
     rows = []
     for i, q in enumerate(ds.query):
-        row = {"id": ds.items[q], "label": ds.class_names[ds.labels[q]], "n_relevant": int(pq.n_relevant[i])}
+        row = {
+            "id": ds.items[q],
+            "label": ds.class_names[ds.labels[q]],
+            "n_relevant": int(pq.n_relevant[i]),
+        }
         row["ap"] = round(float(pq.ap[i]), 6)
         row.update({f"hits_at_{k}": round(float(pq.hits[k][i]), 4) for k in cfg.eval.ks})
         row["top_ids"] = " ".join(ds.items[ds.database[j]] for j in evaluation.top_ids[i] if j >= 0)
@@ -241,5 +265,6 @@ def _write_grid(path: Path, cfg, ds: data.Dataset, evaluation: Evaluation) -> No
 
 
 def _numeric(results: dict) -> dict[str, float]:
-    return {k: v for k, v in results.items() if isinstance(v, int | float) and not isinstance(v, bool)}
-
+    return {
+        k: v for k, v in results.items() if isinstance(v, int | float) and not isinstance(v, bool)
+    }
