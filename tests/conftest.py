@@ -1,0 +1,44 @@
+"""Shared fixtures: the repository's configs composed for a test, and the shared data folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from visual_search.config import register_configs
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("VISUAL_SEARCH_SHARED", REPO.parent / "shared"))
+DATA = Path(os.environ.get("VISUAL_SEARCH_DATA", SHARED / "data"))
+MODELS = Path(os.environ.get("VISUAL_SEARCH_MODELS", SHARED / "models"))
+CASES = SHARED / "cases"
+
+register_configs()
+
+
+def needs(path: Path) -> Path:
+    """Skip the calling test when a shared input is absent (e.g. a clone without ../shared)."""
+    if not path.exists():
+        pytest.skip(f"{path} not found: point VISUAL_SEARCH_DATA / VISUAL_SEARCH_MODELS at it")
+    return path
+
+
+@pytest.fixture
+def compose_config(tmp_path, monkeypatch):
+    """Compose the real configs with overrides; caches and MLflow go to a temporary folder."""
+    monkeypatch.setenv("VISUAL_SEARCH_DATA", str(DATA))
+    monkeypatch.setenv("VISUAL_SEARCH_MODELS", str(MODELS))
+    monkeypatch.setenv("VISUAL_SEARCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+
+    def _compose(*overrides: str):
+        with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+            cfg = compose(
+                "config", overrides=[*overrides, f"tracking.artifact_root={tmp_path}/art"]
+            )
+        return cfg
+
+    return _compose
