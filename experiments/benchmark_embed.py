@@ -24,7 +24,7 @@ from hydra import compose, initialize_config_dir
 
 from visual_search.config import register_configs
 from visual_search.data import load_dataset
-from visual_search.embed import build_embedder, embed_files
+from visual_search.embed import build_embedder, default_workers, embed_files
 from visual_search.images import DecodeSettings, load_rgb
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -82,7 +82,8 @@ def _conditions(args) -> str:
     except OSError:
         pass
     return (
-        f"embedder={args.embedder} batch={args.batch_size} workers={args.workers} "
+        f"embedder={args.embedder} batch={args.batch_size} "
+        f"workers={default_workers() if args.workers is None else args.workers} "
         f"torch_threads={torch.get_num_threads()} cores={os.cpu_count()} cpu={cpu} "
         f"images={args.images} (naive: {args.naive_images}) torch={torch.__version__}"
     )
@@ -93,8 +94,8 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--embedder", default="torchvision", choices=["torchvision", "timm"])
     p.add_argument("--images", type=int, default=1000, help="Corel-1k images end to end")
     p.add_argument("--naive-images", type=int, default=200)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--workers", type=int, default=None, help="default: sized to the machine")
     p.add_argument("--batches", type=int, default=20, help="model-only batches")
     return p.parse_args()
 

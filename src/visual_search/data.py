@@ -14,7 +14,7 @@ import shutil
 import tempfile
 import urllib.request
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,12 +84,28 @@ def load_dataset(cfg) -> Dataset:
         DatasetError: the files are not where the config says, and could not be fetched.
     """
     root = Path(cfg.root).expanduser()
-    fetched = not root.exists() and bool(cfg.url)
-    if fetched:
-        download(cfg.url, root, cfg.archive_subdir, DatasetKind(cfg.kind))
+    if not root.exists() and cfg.url:
+        # The fetched copy is checked before it is moved into place, so a copy that fails its
+        # checksum is never found there by a later run.
+        def verify(staged: Path) -> None:
+            verify_checksum(_build(cfg, staged), cfg.content_sha256)
+
+        download(cfg.url, root, cfg.archive_subdir, DatasetKind(cfg.kind), verify)
     if not root.is_dir():
         raise DatasetError(_where_to_get(cfg, f"dataset root {root} does not exist"))
 
+    dataset = _build(cfg, root)
+    if cfg.limit_per_class:
+        dataset = _limit_per_class(dataset, cfg.limit_per_class)
+    log.info(
+        "dataset %s: %d items, %d queries, %d database, %d classes",
+        dataset.name, len(dataset.items), len(dataset.query), len(dataset.database),
+        len(dataset.class_names),
+    )  # fmt: skip
+    return dataset
+
+
+def _build(cfg, root: Path) -> Dataset:
     kind = DatasetKind(cfg.kind)
     if kind is DatasetKind.corel1k:
         dataset = _corel1k(cfg, root)
@@ -98,15 +114,6 @@ def load_dataset(cfg) -> Dataset:
     else:
         dataset = _folder(cfg, root)
     check_files(dataset, cfg)
-    if fetched:
-        verify_checksum(dataset, cfg.content_sha256)
-    if cfg.limit_per_class:
-        dataset = _limit_per_class(dataset, cfg.limit_per_class)
-    log.info(
-        "dataset %s: %d items, %d queries, %d database, %d classes",
-        dataset.name, len(dataset.items), len(dataset.query), len(dataset.database),
-        len(dataset.class_names),
-    )  # fmt: skip
     return dataset
 
 
@@ -243,15 +250,23 @@ def _read_manifest(path: Path) -> tuple[list[str], list[str], list[str] | None]:
                 f"dataset.manifest={path} needs columns path,label[,split], got {sorted(fields)}"
             )
         rows = list(reader)
+    short = [n for n, r in enumerate(rows, start=2) if None in r.values() or None in r]
+    if short:
+        raise DatasetError(
+            f"dataset.manifest={path}: row {short[0]} does not have a value for every column "
+            f"({len(short)} such rows)"
+        )
     splits = [r["split"].strip() for r in rows] if "split" in fields else None
     bad = sorted({s for s in splits or [] if s not in ("query", "database")})
     if bad:
-        raise DatasetError(f"split must be query or database in {path}, got {bad}")
+        raise DatasetError(
+            f"the split column of dataset.manifest={path} must be query or database, got {bad}"
+        )
     return [r["path"].strip() for r in rows], [r["label"].strip() for r in rows], splits
 
 
 def _limit_per_class(dataset: Dataset, n: int) -> Dataset:
-    """Keep the first `n` items of each label (in item order) on each side."""
+    """Keep the first `n` items of each label, in path order, on each side."""
 
     def first_n(indices: np.ndarray) -> np.ndarray:
         order = sorted(indices, key=lambda i: (dataset.labels[i], dataset.items[i]))
@@ -268,7 +283,13 @@ def _limit_per_class(dataset: Dataset, n: int) -> Dataset:
     )  # fmt: skip
 
 
-def download(url: str, root: Path, subdir: str | None, kind: DatasetKind) -> None:
+def download(
+    url: str,
+    root: Path,
+    subdir: str | None,
+    kind: DatasetKind,
+    verify: Callable[[Path], None] | None = None,
+) -> None:
     """Fetch a dataset archive and unpack it as `root`, writing nothing there unless it succeeds.
 
     NOTE: the two upstream archives (GitHub snapshots at fixed commits) could not be fetched on
@@ -294,6 +315,8 @@ def download(url: str, root: Path, subdir: str | None, kind: DatasetKind) -> Non
             _stage_corel1k(source, staged)
         else:
             shutil.move(source, staged)
+        if verify is not None:
+            verify(staged)
         staged.rename(root)
     log.info("dataset unpacked into %s", root)
 
@@ -316,7 +339,7 @@ def verify_checksum(dataset: Dataset, expected: str | None) -> str:
     digest, _ = fingerprint(dataset.root, dataset.items)
     if expected and digest != expected:
         raise DatasetError(
-            f"{dataset.name} at {dataset.root} has content sha256 {digest}, expected {expected}: "
-            "the copy is incomplete or altered; delete it to fetch it again"
+            f"{dataset.name} at {dataset.root} has content sha256 {digest}, expected {expected} "
+            "(dataset.content_sha256): the copy is incomplete or altered"
         )
     return digest

@@ -70,13 +70,19 @@ def search(
 
     Returns:
         scores (nq, k') float32 and ids (nq, k') int64, best first, k' = min(k, available).
-        No -1 id is ever returned: FAISS pads short result lists with -1, and those are cut.
+        FAISS pads short result lists with -1: the columns no query filled are cut, and a row
+        shorter than the widest keeps -1 ids (and -inf scores) at its end, so a -1 is never
+        read as a database id. Exact indexes fill every row.
     """
     if k <= 0:
         raise ValueError(f"k must be positive, got {k}")
     xq = normalise(queries)
     if xq.shape[1] != index.d:
         raise ValueError(f"queries have dimension {xq.shape[1]}, the index {index.d}")
+    if exclude is not None and np.shape(exclude) != (len(xq),):
+        raise ValueError(
+            f"exclude must have one id per query ({len(xq)}), got shape {np.shape(exclude)}"
+        )
     extra = 1 if exclude is not None else 0
     depth = min(k + extra, index.ntotal)
     scores, ids = index.search(xq, depth)

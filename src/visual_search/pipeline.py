@@ -17,7 +17,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from visual_search import cache, data, embed, index, metrics, tracking, visualise
-from visual_search.config import TieRule
+from visual_search.config import TieRule, unknown_keys
 from visual_search.images import DecodeSettings
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,9 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
 
 def validate(cfg: DictConfig) -> None:
     """Fail on settings that types alone cannot catch, before any data is read."""
+    unknown = unknown_keys(cfg)
+    if unknown:
+        raise ConfigError(f"unknown settings {unknown}: check their spelling")
     if OmegaConf.is_missing(cfg.dataset, "root"):
         raise ConfigError("dataset.root is not set; pass dataset.root=DIR (a folder of images)")
     problems = []
@@ -78,10 +81,11 @@ def validate(cfg: DictConfig) -> None:
         problems.append(
             f"search.max_pairs_per_chunk must be positive, got {cfg.search.max_pairs_per_chunk}"
         )
-    if cfg.embedder.batch_size <= 0 or cfg.embedder.num_workers < 0:
+    workers = cfg.embedder.num_workers
+    if cfg.embedder.batch_size <= 0 or (workers is not None and workers < 0):
         problems.append(
             f"embedder.batch_size must be positive and embedder.num_workers >= 0, got "
-            f"{cfg.embedder.batch_size} and {cfg.embedder.num_workers}"
+            f"{cfg.embedder.batch_size} and {workers}"
         )
     background = list(cfg.decode.background)
     if len(background) != 3 or not all(0 <= v <= 255 for v in background):
