@@ -28,12 +28,28 @@ def main(cfg: DictConfig) -> float:
 
 def format_results(cfg: DictConfig, results: dict, out_dir: Path) -> str:
     """The table printed at the end of a run."""
-    shown = ["map"] + [k for k in results if k.startswith(("precision_at", "recall_at"))]
+    shown = ["map"] + [
+        k for k in results if k.startswith(("precision_at", "recall_at")) and "delta" not in k
+    ]
     shown += ["n_queries", "n_database", "n_skipped", "embed_s", "search_s"]
+    shown += ["roi_fallback_rate", "detect_s", "detector_images_per_s"]
+    roi = (
+        f"roi {cfg.roi.policy.name} ({cfg.roi.side.name})"
+        if cfg.roi.policy.name != "none"
+        else "no roi"
+    )
     lines = [
-        f"\n{cfg.dataset.name} | {cfg.embedder.backend}/{cfg.embedder.arch} | {cfg.index.factory}"
+        f"\n{cfg.dataset.name} | {roi} | {cfg.embedder.backend}/{cfg.embedder.arch} | "
+        f"{cfg.index.factory}"
     ]
     lines += [f"  {name:<22} {_fmt(results[name])}" for name in shown if name in results]
+    for name in ("map", "recall_at_1"):
+        if f"{name}_delta" in results:
+            low, high = results[f"{name}_delta_ci_low"], results[f"{name}_delta_ci_high"]
+            lines.append(
+                f"  ROI - whole image {name}: {results[f'{name}_delta']:+.4f} "
+                f"(95% CI {low:+.4f} .. {high:+.4f})"
+            )
     lines.append(f"  outputs: {out_dir}")
     if "mlflow_run_id" in results:
         lines.append(

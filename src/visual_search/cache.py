@@ -79,3 +79,25 @@ class VectorStore:
         name = f"shard-{key({'hashes': list(hashes)})}.npz"
         write_atomic(self.directory / name, buffer.getvalue())
         log.debug("stored %d vectors in %s", len(hashes), self.directory / name)
+
+
+class RecordStore:
+    """JSON records addressed by content hash, in append-only shards (see `VectorStore`)."""
+
+    def __init__(self, directory: Path, producer: dict[str, Any]):
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+        if not (directory / "producer.json").exists():
+            write_json(directory / "producer.json", producer)
+
+    def get(self, hashes: Sequence[str]) -> dict[str, Any]:
+        """The records found, by hash."""
+        wanted, found = set(hashes), {}
+        for shard in sorted(self.directory.glob("shard-*.json")):
+            records = json.loads(shard.read_text())
+            found.update((h, r) for h, r in records.items() if h in wanted)
+        return found
+
+    def put(self, records: dict[str, Any]) -> None:
+        if records:
+            write_json(self.directory / f"shard-{key(sorted(records))}.json", records)

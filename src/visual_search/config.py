@@ -89,6 +89,36 @@ class EmbedderConfig:
     channels_last: bool = True
 
 
+class RoiPolicy(Enum):
+    none = "none"
+    largest = "largest"
+    most_confident = "most_confident"
+    center = "center"
+    all = "all"
+
+
+class RoiSide(Enum):
+    query = "query"
+    database = "database"
+    both = "both"
+
+
+@dataclass
+class RoiConfig:
+    policy: RoiPolicy = RoiPolicy.none  # none: no detection, every image whole
+    side: RoiSide = RoiSide.both  # which images are cropped
+    detector: str = "yolov8n.pt"  # file name looked up in paths.models, or a path
+    conf: float = 0.25
+    iou: float = 0.7
+    classes: list[str] | None = None  # COCO names or ids; None keeps every class
+    imgsz: int = 320
+    max_det: int = 20
+    device: str = "cpu"
+    batch_size: int = 16
+    padding: float = 0.1  # grow the box by this fraction of its width/height on each side
+    min_area: float = 0.01  # ignore boxes smaller than this fraction of the image
+
+
 @dataclass
 class IndexConfig:
     name: str = "flat"
@@ -109,6 +139,7 @@ class EvalConfig:
     ties: TieRule = TieRule.pessimistic
     grid_queries: int = 6
     grid_k: int = 8
+    bootstrap_resamples: int = 10_000  # paired bootstrap of ROI against the whole image
 
 
 @dataclass
@@ -125,6 +156,7 @@ class Config:
     paths: PathsConfig = field(default_factory=PathsConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
+    roi: RoiConfig = field(default_factory=RoiConfig)
     embedder: EmbedderConfig = field(default_factory=EmbedderConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
     search: SearchConfig = field(default_factory=SearchConfig)

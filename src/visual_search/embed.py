@@ -179,15 +179,19 @@ def _timm(cfg, models_dir: Path, cache_dir: Path):
 class _ImageFiles(torch.utils.data.Dataset):
     """Decodes and preprocesses one file per item; a bad file yields its reason instead."""
 
-    def __init__(self, paths: Sequence[Path], transform, settings: DecodeSettings):
+    def __init__(self, paths: Sequence[Path], transform, settings: DecodeSettings, boxes=None):
         self.paths, self.transform, self.settings = list(paths), transform, settings
+        self.boxes = list(boxes) if boxes is not None else [None] * len(self.paths)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int):
         try:
-            return i, self.transform(load_rgb(self.paths[i], self.settings)), None
+            image = load_rgb(self.paths[i], self.settings)
+            if self.boxes[i] is not None:
+                image = image.crop(tuple(self.boxes[i]))
+            return i, self.transform(image), None
         except DecodeError as err:
             return i, None, err.reason
 
@@ -220,9 +224,11 @@ def embed_files(
     settings: DecodeSettings,
     batch_size: int = 8,
     num_workers: int | None = None,
+    boxes: Sequence[tuple[int, int, int, int] | None] | None = None,
 ) -> tuple[np.ndarray, dict[int, str]]:
     """Decode and embed files in batches, decoding in DataLoader workers while the model runs
-    (`num_workers`; None picks `default_workers()`).
+    (`num_workers`; None picks `default_workers()`). `boxes` crops each decoded image
+    (x0, y0, x1, y1 in pixels of the upright image) before preprocessing; None keeps it whole.
 
     Returns:
         (n, d) float32 embeddings in input order (rows of skipped files are zero), and
@@ -232,7 +238,7 @@ def embed_files(
     out = np.zeros((len(paths), embedder.dim), dtype=np.float32)
     skipped: dict[int, str] = {}
     loader = DataLoader(
-        _ImageFiles(paths, embedder.transform, settings),
+        _ImageFiles(paths, embedder.transform, settings, boxes),
         batch_size=batch_size,
         num_workers=num_workers,
         collate_fn=_collate,
