@@ -81,7 +81,10 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     artifacts = outputs.write(cfg, embedded, crops, evaluation, results, out_dir)
     if cfg.tracking.enabled:
         results["mlflow_run_id"] = tracking.log_run(
-            cfg.tracking, OmegaConf.to_container(cfg, resolve=True), _numeric(results), artifacts
+            cfg.tracking,
+            OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
+            _numeric(results),
+            artifacts,
         )
     return results
 
