@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -183,16 +184,13 @@ class YoloDetector:
         }
 
     def detect(self, images: Sequence[Image.Image]) -> list[Detections]:
-        results = self.model.predict(
-            list(images),
-            conf=self.cfg.conf,
-            iou=self.cfg.iou,
-            classes=self.class_ids,
-            imgsz=self.cfg.imgsz,
-            max_det=self.cfg.max_det,
-            device=self.cfg.device,
-            verbose=False,
-        )
+        # ultralytics sets torch's thread count for the whole process when it picks a CPU
+        # device (cores - 1); put it back so the embedder after it keeps every core.
+        threads = torch.get_num_threads()
+        try:
+            results = self._predict(images)
+        finally:
+            torch.set_num_threads(threads)
         return [
             Detections(
                 r.boxes.xyxy.cpu().numpy().astype(np.float32),
@@ -202,6 +200,18 @@ class YoloDetector:
             )
             for r, im in zip(results, images, strict=True)
         ]
+
+    def _predict(self, images: Sequence[Image.Image]):
+        return self.model.predict(
+            list(images),
+            conf=self.cfg.conf,
+            iou=self.cfg.iou,
+            classes=self.class_ids,
+            imgsz=self.cfg.imgsz,
+            max_det=self.cfg.max_det,
+            device=self.cfg.device,
+            verbose=False,
+        )
 
 
 def _sha256(path: Path) -> str:
