@@ -49,7 +49,8 @@ def write(cfg, embedded, crops, evaluation, results: dict, out_dir: Path) -> lis
     if crops.detections:
         paths["crops"] = out_dir / "crops.jsonl"
         _write_crops(paths["crops"], ds, crops)
-    return list(paths.values())
+    log_file = out_dir / "run.log"  # Hydra's log of this run, when run from the command line
+    return list(paths.values()) + ([log_file] if log_file.is_file() else [])
 
 
 def _write_per_query(path: Path, cfg, ds: data.Dataset, evaluation) -> None:

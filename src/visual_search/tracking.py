@@ -40,6 +40,15 @@ def local_uri(uri: str) -> str:
     return prefix + str(path)
 
 
+def default_run_name(params: Mapping[str, Any]) -> str:
+    """e.g. ``corel1k-largest-query-mobilenet_v2-Flat``: what tells runs of one dataset apart."""
+    roi = params.get("roi", {})
+    crop = "whole" if roi.get("policy", "none") == "none" else f"{roi['policy']}-{roi['side']}"
+    return "-".join(
+        [params["dataset"]["name"], crop, params["embedder"]["arch"], params["index"]["factory"]]
+    )
+
+
 def log_run(
     tracking_cfg,
     params: Mapping[str, Any],
@@ -67,7 +76,8 @@ def log_run(
     else:
         experiment_id = experiment.experiment_id
 
-    with mlflow.start_run(experiment_id=experiment_id, run_name=tracking_cfg.run_name) as run:
+    name = tracking_cfg.run_name or default_run_name(params)
+    with mlflow.start_run(experiment_id=experiment_id, run_name=name) as run:
         mlflow.log_params(flatten(params))
         finite = {k: float(v) for k, v in metrics.items() if math.isfinite(float(v))}
         mlflow.log_metrics(finite)
