@@ -11,18 +11,27 @@ from hydra import compose, initialize_config_dir
 from visual_search.config import register_configs
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("VISUAL_SEARCH_SHARED", REPO.parent / "shared"))
-DATA = Path(os.environ.get("VISUAL_SEARCH_DATA", SHARED / "data"))
-MODELS = Path(os.environ.get("VISUAL_SEARCH_MODELS", SHARED / "models"))
-CASES = SHARED / "cases"
+# Real inputs live outside the repository: ../shared beside it unless the variables say otherwise.
+SHARED = REPO.parent / "shared"
+DATA = Path(os.environ.get("VISUAL_SEARCH_DATA", SHARED / "data")).expanduser().resolve()
+MODELS = Path(os.environ.get("VISUAL_SEARCH_MODELS", SHARED / "models")).expanduser().resolve()
+CASES = Path(os.environ.get("VISUAL_SEARCH_CASES", SHARED / "cases")).expanduser().resolve()
+# CI sets this so that a missing input fails the run instead of quietly skipping tests.
+REQUIRE_INPUTS = os.environ.get("VISUAL_SEARCH_REQUIRE_INPUTS") == "1"
 
 register_configs()
 
 
 def needs(path: Path) -> Path:
-    """Skip the calling test when a shared input is absent (e.g. a clone without ../shared)."""
+    """Skip the calling test when a real input is absent (e.g. a clone without ../shared)."""
     if not path.exists():
-        pytest.skip(f"{path} not found: point VISUAL_SEARCH_DATA / VISUAL_SEARCH_MODELS at it")
+        message = (
+            f"{path} not found: set VISUAL_SEARCH_DATA, VISUAL_SEARCH_MODELS or "
+            "VISUAL_SEARCH_CASES (default: ../shared beside the repository)"
+        )
+        if REQUIRE_INPUTS:
+            pytest.fail(message)
+        pytest.skip(message)
     return path
 
 

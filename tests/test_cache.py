@@ -186,3 +186,12 @@ def test_producer_json_is_written_once(tmp_path):
 
     assert (directory / "producer.json").read_bytes() == written
     assert json.loads(written) == PRODUCER
+
+
+def test_written_files_follow_the_umask_not_mkstemp_privacy(tmp_path):
+    old = os.umask(0o022)
+    try:
+        cache.write_atomic(tmp_path / "m.json", b"{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "m.json").stat().st_mode & 0o777 == 0o644

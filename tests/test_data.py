@@ -27,10 +27,9 @@ from visual_search.config import DatasetKind, Protocol, register_configs
 from visual_search.data import Dataset, DatasetError
 from visual_search.pipeline import ConfigError, validate
 
-REPO = Path(__file__).resolve().parents[1]
+from .conftest import DATA, REPO, needs
+
 CONFIGS = REPO / "configs"
-SHARED = REPO.parent / "shared"
-DATA = SHARED / "data"
 COREL_SUBDIR = "repo-abc/src/cbir/corelDB"
 COREL_NUMBERS = [0, 1, 2, 3, 100, 101, 102, 103]
 
@@ -55,7 +54,7 @@ def config_for(monkeypatch):
 def _shared(name: str) -> Path:
     root = DATA / name
     if not root.is_dir():
-        pytest.skip(f"shared dataset {root} is missing (the ../shared checkout)")
+        needs(root)
     return root
 
 
@@ -622,3 +621,16 @@ def test_a_copy_refused_for_its_checksum_is_not_trusted_on_the_next_run(config_f
 
     with pytest.raises(DatasetError):
         data.load_dataset(cfg)
+
+
+def test_images_outside_class_folders_are_refused(config_for, tmp_path):
+    # A flat folder would make every image one class with an empty name, and mAP 1.0.
+    root = tmp_path / "flat"
+    root.mkdir()
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (8, 8)).save(root / name)
+    cfg = config_for("dataset=folder", f"dataset.root={root}")
+    with pytest.raises(
+        DatasetError, match=r"2 images outside class sub-folders.*dataset\.manifest"
+    ):
+        data.load_dataset(cfg.dataset)

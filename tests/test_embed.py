@@ -47,6 +47,7 @@ def test_predicts_imagenet_classes_with_the_real_weights(tmp_path):
     """The shared weights are a real classifier: the coffee photo is a cup of coffee."""
     import torchvision
 
+    needs(MODELS / "mobilenet_v2_imagenet.pth")
     cfg = _cfg()
     net = build_embedder(cfg, MODELS, tmp_path)
     state = torch.load(MODELS / "mobilenet_v2_imagenet.pth", weights_only=True)

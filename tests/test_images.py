@@ -23,14 +23,13 @@ from visual_search.images import (
     to_rgb,
 )
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-CASES = SHARED / "cases"
+from .conftest import CASES, needs
 
 
 def _case(name: str) -> Path:
     folder = CASES / name
     if not folder.is_dir():
-        pytest.skip(f"shared case folder {folder} is missing (the ../shared checkout)")
+        needs(folder)
     return folder
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import faiss
 import numpy as np
@@ -11,14 +10,15 @@ import pytest
 
 from visual_search.index import build, normalise, search
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-VECTORS = SHARED / "cases" / "case07_faiss_vectors"
+from .conftest import CASES, needs
+
+VECTORS = CASES / "case07_faiss_vectors"
 
 
 def _vectors(name: str) -> np.ndarray:
     path = VECTORS / name
     if not path.is_file():
-        pytest.skip(f"shared case file {path} is missing (the ../shared checkout)")
+        needs(path)
     return np.load(path)
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,8 +21,9 @@ from visual_search.metrics import (
     summarise,
 )
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-TOY = SHARED / "cases" / "case08_retrieval_metrics_toy"
+from .conftest import CASES, needs
+
+TOY = CASES / "case08_retrieval_metrics_toy"
 
 
 def evaluate(scores, ids, query_labels, database_labels, exclude=None, junk=None, **kwargs):
@@ -44,7 +44,7 @@ def one_query(database_labels, ranking, query_label=0, **kwargs):
 @pytest.fixture(scope="module")
 def toy():
     if not TOY.is_dir():
-        pytest.skip(f"shared toy case not found at {TOY}; check out /work/shared beside the repo")
+        needs(TOY)
     expected = json.loads((TOY / "expected.json").read_text())
     scores = np.load(TOY / "gallery_scores.npy")
     labels = np.load(TOY / "gallery_labels.npy")

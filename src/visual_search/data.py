@@ -98,9 +98,10 @@ def load_dataset(cfg) -> Dataset:
     if cfg.limit_per_class:
         dataset = _limit_per_class(dataset, cfg.limit_per_class)
     log.info(
-        "dataset %s: %d items, %d queries, %d database, %d classes",
-        dataset.name, len(dataset.items), len(dataset.query), len(dataset.database),
+        "dataset %s: %d images, %d queries, %d database, %d classes%s",
+        dataset.name, len(dataset.used_items()), len(dataset.query), len(dataset.database),
         len(dataset.class_names),
+        f" (first {cfg.limit_per_class} per class)" if cfg.limit_per_class else "",
     )  # fmt: skip
     return dataset
 
@@ -217,7 +218,14 @@ def _folder(cfg, root: Path) -> Dataset:
             p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
         )
         paths = [p.relative_to(root).as_posix() for p in files]
-        label_names = [Path(p).parts[0] if len(Path(p).parts) > 1 else "" for p in paths]
+        loose = [p for p in paths if len(Path(p).parts) == 1]
+        if loose:
+            raise DatasetError(
+                f"dataset.root={root} holds {len(loose)} images outside class sub-folders (e.g. "
+                f"{loose[0]}): put each class in its own sub-folder, or list the images with "
+                "their labels in dataset.manifest=FILE.csv"
+            )
+        label_names = [Path(p).parts[0] for p in paths]
         splits = None
     if not paths:
         raise DatasetError(_where_to_get(cfg, f"no images found under {root}"))

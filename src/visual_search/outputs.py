@@ -34,7 +34,7 @@ def write(cfg, embedded, crops, evaluation, results: dict, out_dir: Path) -> lis
         "grid": out_dir / "retrieval_grid.png",
     }
     cache.write_atomic(paths["config"], OmegaConf.to_yaml(cfg, resolve=True).encode())
-    cache.write_json(paths["metrics"], results)
+    cache.write_json(paths["metrics"], {k: _rounded(v) for k, v in results.items()})
     _write_per_query(paths["per_query"], cfg, ds, evaluation)
     query_labels = ds.labels[ds.query]
     _write_rows(
@@ -63,13 +63,24 @@ def _write_per_query(path: Path, cfg, ds: data.Dataset, evaluation) -> None:
             "n_relevant": int(pq.n_relevant[i]),
         }
         row["ap"] = round(float(pq.ap[i]), 6)
-        row.update({f"hits_at_{k}": round(float(pq.hits[k][i]), 4) for k in cfg.eval.ks})
+        row.update({f"hits_at_{k}": _count(pq.hits[k][i]) for k in cfg.eval.ks})
         row["top_ids"] = " ".join(ds.items[ds.database[j]] for j in evaluation.top_ids[i] if j >= 0)
         rows.append(row)
     _write_rows(path, rows)
 
 
+def _count(value: float) -> int | float:
+    """Hits are whole numbers except under the tie-aware rule, where a tie counts fractionally."""
+    return int(value) if float(value).is_integer() else round(float(value), 4)
+
+
+def _rounded(value):
+    """Six decimals: metrics are means over at most millions of queries."""
+    return round(value, 6) if isinstance(value, float) else value
+
+
 def _write_rows(path: Path, rows: list[dict], fields: list[str] | None = None) -> None:
+    rows = [{k: _rounded(v) for k, v in row.items()} for row in rows]
     fields = fields or (list(rows[0]) if rows else [])
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
@@ -89,7 +100,8 @@ def _write_grid(path: Path, cfg, ds: data.Dataset, evaluation) -> None:
         relevant.append([ds.labels[ds.database[j]] == ds.labels[ds.query[i]] for j in ids])
         scores.append([float(s) for s in evaluation.top_scores[i][: len(ids)]])
     queries = [ds.root / ds.items[ds.query[i]] for i in picks]
-    visualise.retrieval_grid(queries, results, relevant, scores, path)
+    labels = [ds.class_names[ds.labels[ds.query[i]]] for i in picks]
+    visualise.retrieval_grid(queries, results, relevant, scores, path, labels=labels)
 
 
 def _write_crops(path: Path, ds: data.Dataset, crops) -> None:

@@ -24,6 +24,7 @@ def retrieval_grid(
     scores: Sequence[Sequence[float]],
     path: Path,
     thumb: int = 128,
+    labels: Sequence[str] | None = None,
 ) -> Path:
     """Save a grid: one row per query (blue frame), then its top results, framed green when
     relevant and red when not, each titled with its rank and cosine similarity."""
@@ -32,7 +33,8 @@ def retrieval_grid(
         len(queries), cols, figsize=(1.5 * cols, 1.65 * len(queries)), squeeze=False
     )
     for row, query in enumerate(queries):
-        _tile(axes[row][0], query, QUERY, "query", thumb)
+        title = f"query: {labels[row]}" if labels else "query"
+        _tile(axes[row][0], query, QUERY, title, thumb)
         for col, (hit, is_rel, score) in enumerate(
             zip(results[row], relevant[row], scores[row], strict=True), start=1
         ):
