@@ -122,7 +122,15 @@ class RoiConfig:
 @dataclass
 class IndexConfig:
     name: str = "flat"
+    # A FAISS index factory string; the index configs build it from the fields below.
     factory: str = "Flat"
+    nlist: int | None = None  # inverted lists (IVF)
+    M: int | None = None  # PQ sub-quantizers, or HNSW links per node
+    nbits: int | None = None  # bits per PQ code
+    efConstruction: int | None = None  # HNSW build depth
+    # Search settings evaluated on the one built index, e.g. {nprobe: [1, 4, 16]}: each
+    # combination is scored and timed, and tracked as a nested MLflow run.
+    search_grid: dict[str, list[int]] = field(default_factory=dict)
 
 
 @dataclass

@@ -6,10 +6,15 @@ Building and searching are separate calls: a sweep builds once and searches with
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import re
+from pathlib import Path
 
 import faiss
 import numpy as np
+
+from visual_search import cache
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +47,7 @@ def build(database: np.ndarray, factory: str = "Flat") -> faiss.Index:
         factory: a FAISS index factory string, e.g. ``Flat``.
     """
     xb = normalise(database)
+    validate(factory, xb.shape[1], len(xb))
     try:
         index = faiss.index_factory(xb.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as err:
@@ -102,3 +108,118 @@ def _drop(scores: np.ndarray, ids: np.ndarray, mask: np.ndarray):
     ids = np.take_along_axis(ids, order, axis=1)
     moved = np.take_along_axis(mask, order, axis=1)
     return np.where(moved, -np.inf, scores).astype(np.float32), np.where(moved, -1, ids)
+
+
+# Keys of FAISS's own parameters inside a factory string, and the config keys that set them.
+_IVF = re.compile(r"IVF(\d+)")
+_PQ = re.compile(r"(?<![O])PQ(\d+)(?:x(\d+))?")
+_OPQ = re.compile(r"OPQ(\d+)")
+MIN_POINTS_PER_LIST = 39  # FAISS warns below this many training vectors per k-means centroid
+
+
+def validate(factory: str, d: int, n_train: int) -> list[str]:
+    """Check a factory string against the data before any training.
+
+    Args:
+        factory: FAISS index factory string.
+        d: embedding dimension.
+        n_train: number of vectors the index will be trained on (the database).
+
+    Returns:
+        Warnings (already logged), e.g. too few training vectors per inverted list.
+
+    Raises:
+        ValueError: a setting that FAISS would reject or crash on, naming the config key.
+    """
+    warnings = []
+    for match in _IVF.finditer(factory):
+        nlist = int(match.group(1))
+        if nlist > n_train:
+            raise ValueError(
+                f"nlist={nlist} needs at least {nlist} training vectors, got {n_train}; "
+                f"lower index.nlist (index.factory={factory!r})"
+            )
+        if n_train < MIN_POINTS_PER_LIST * nlist:
+            warnings.append(
+                f"nlist={nlist} with {n_train} training vectors leaves "
+                f"{n_train / nlist:.1f} per list, under the {MIN_POINTS_PER_LIST} FAISS asks for; "
+                f"lists will be poorly trained, consider index.nlist <= "
+                f"{max(1, n_train // MIN_POINTS_PER_LIST)}"
+            )
+    for pattern, name in ((_PQ, "M"), (_OPQ, "M")):
+        for match in pattern.finditer(factory):
+            m = int(match.group(1))
+            if d % m:
+                divisors = [i for i in range(1, d + 1) if d % i == 0]
+                raise ValueError(
+                    f"{name}={m} must divide the dimension {d}; values that do: {divisors}; "
+                    f"set index.{name} (index.factory={factory!r})"
+                )
+    for match in _PQ.finditer(factory):
+        nbits = int(match.group(2) or 8)
+        if n_train < 2**nbits:
+            raise ValueError(
+                f"PQ with nbits={nbits} needs at least {2**nbits} training vectors, got {n_train}; "
+                f"lower index.nbits (index.factory={factory!r})"
+            )
+    for warning in warnings:
+        log.warning(warning)
+    return warnings
+
+
+def set_build_params(index: faiss.Index, params: dict[str, int]) -> None:
+    """Apply build-time settings the factory string cannot carry (HNSW's efConstruction)."""
+    if params.get("efConstruction"):
+        hnsw = _find_hnsw(index)
+        if hnsw is None:
+            raise ValueError("index.efConstruction is set but the index has no HNSW graph")
+        hnsw.efConstruction = int(params["efConstruction"])
+
+
+def _find_hnsw(index: faiss.Index):
+    index = faiss.downcast_index(index)
+    if isinstance(index, faiss.IndexPreTransform):
+        return _find_hnsw(index.index)
+    return getattr(index, "hnsw", None)
+
+
+def set_search_params(index: faiss.Index, params: dict[str, int | float]) -> None:
+    """Apply search-time settings (``nprobe``, ``efSearch``, ...) to a built index."""
+    if not params:
+        return
+    text = ",".join(f"{k}={v}" for k, v in params.items())
+    try:
+        faiss.ParameterSpace().set_index_parameters(index, text)
+    except RuntimeError as err:
+        raise ValueError(f"index.search_grid: {text} does not apply to this index") from err
+
+
+def build_cached(
+    database: np.ndarray,
+    factory: str,
+    cache_dir: Path,
+    build_params: dict[str, int] | None = None,
+) -> tuple[faiss.Index, Path, bool]:
+    """Build an index, or load the one built before from the same vectors and settings.
+
+    Returns:
+        the index, its file in the cache, and whether it came from the cache.
+    """
+    xb = normalise(database)
+    build_params = {k: v for k, v in (build_params or {}).items() if v is not None}
+    digest = hashlib.sha256(xb.tobytes()).hexdigest()
+    path = cache_dir / "indexes" / f"{cache.key([digest, factory, build_params])}.faiss"
+    if path.is_file():
+        return faiss.read_index(str(path)), path, True
+    validate(factory, xb.shape[1], len(xb))
+    try:
+        index = faiss.index_factory(xb.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as err:
+        raise ValueError(f"index.factory={factory!r} is not a valid FAISS factory string") from err
+    set_build_params(index, build_params)
+    if not index.is_trained:
+        index.train(xb)
+    index.add(xb)
+    cache.write_atomic(path, faiss.serialize_index(index).tobytes())
+    log.info("built %s index: %d vectors of dimension %d", factory, index.ntotal, index.d)
+    return index, path, False
