@@ -5,6 +5,7 @@ tables, retrieval_grid.png); the run is tracked in MLflow.
 """
 
 import logging
+import sys
 from pathlib import Path
 
 import hydra
@@ -12,18 +13,33 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from visual_search.config import register_configs
-from visual_search.pipeline import run
+from visual_search.data import DatasetError
+from visual_search.embed import WeightsError
+from visual_search.pipeline import ConfigError, NothingToSearch, run
+from visual_search.roi import DetectorError
+from visual_search.tracking import TrackingError
 
 register_configs()
 log = logging.getLogger("visual_search.run")
 
 
+# Mistakes in settings or inputs: the message says what to change, a traceback would not help.
+USER_ERRORS = (ConfigError, NothingToSearch, DatasetError, WeightsError, DetectorError,
+               TrackingError)  # fmt: skip
+
+
 @hydra.main(version_base="1.3", config_path="../configs", config_name="config")
 def main(cfg: DictConfig) -> float:
     out_dir = Path(HydraConfig.get().runtime.output_dir)
-    results = run(cfg, out_dir)
+    try:
+        results = run(cfg, out_dir)
+    except USER_ERRORS as err:
+        log.error("%s", err)
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
     print(format_results(cfg, results, out_dir))
-    return results["map"]
+    # What a Hydra optimising sweeper would maximise: mAP (the best setting's, for a grid).
+    return results.get("map", max((p["map"] for p in results.get("search_grid", [])), default=0.0))
 
 
 def format_results(cfg: DictConfig, results: dict, out_dir: Path) -> str:
@@ -50,6 +66,8 @@ def format_results(cfg: DictConfig, results: dict, out_dir: Path) -> str:
                 f"  ROI - whole image {name}: {results[f'{name}_delta']:+.4f} "
                 f"(95% CI {low:+.4f} .. {high:+.4f})"
             )
+    if "search_grid" in results:
+        lines.append(_grid_table(results["search_grid"]))
     lines.append(f"  outputs: {out_dir}")
     if "mlflow_run_id" in results:
         lines.append(
@@ -57,6 +75,23 @@ def format_results(cfg: DictConfig, results: dict, out_dir: Path) -> str:
             f"({cfg.tracking.uri})"
         )
     return "\n".join(lines)
+
+
+def _grid_table(points: list[dict]) -> str:
+    """One line per search setting: quality against latency."""
+    names = [k for k in points[0] if k not in _GRID_METRICS and not k.startswith(_SKIP)]
+    header = "  " + "".join(f"{n:>10}" for n in names) + "".join(f"{m:>16}" for m in _GRID_METRICS)
+    rows = [
+        "  "
+        + "".join(f"{p[n]:>10}" for n in names)
+        + "".join(f"{_fmt(p.get(m, float('nan'))):>16}" for m in _GRID_METRICS)
+        for p in points
+    ]
+    return "\n".join([header, *rows])
+
+
+_GRID_METRICS = ("map", "recall_at_1", "neighbour_recall_at_10", "ms_per_query_p50", "batch_qps")
+_SKIP = ("precision", "recall", "ir_recall", "n_", "ms_", "batch", "latency", "search_s", "map")
 
 
 def _fmt(value) -> str:

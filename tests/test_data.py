@@ -573,8 +573,7 @@ def test_an_unreachable_url_names_visual_search_data_and_leaves_nothing(tmp_path
     message = str(caught.value)
     assert message.startswith("could not fetch file:///nonexistent.zip")
     assert "set VISUAL_SEARCH_DATA to a folder that already holds 'corel1k'" in message
-    assert not root.exists()
-    assert os.listdir(tmp_path / "data") == []
+    assert not (tmp_path / "data").exists()  # a misspelt path leaves no folders behind
 
 
 def _fetching(config_for, tmp_path: Path, archive: Path, checksum: str):
@@ -634,3 +633,327 @@ def test_images_outside_class_folders_are_refused(config_for, tmp_path):
         DatasetError, match=r"2 images outside class sub-folders.*dataset\.manifest"
     ):
         data.load_dataset(cfg.dataset)
+
+
+# An image is one item however many rows list it: a query must never find its own copy.
+
+
+def _split_config(config_for, own_images, manifest: Path, protocol: str = "split"):
+    return config_for(
+        "dataset=folder",
+        f"dataset.root={own_images}",
+        f"dataset.manifest={manifest}",
+        f"dataset.protocol={protocol}",
+    ).dataset
+
+
+def test_an_image_listed_as_query_and_as_database_is_one_item_on_both_sides(
+    config_for, own_images, tmp_path
+):
+    manifest = _manifest(
+        tmp_path / "manifest.csv",
+        "path,label,split\n"
+        "cat/0.png,cat,database\n"
+        "cat/1.png,cat,query\n"
+        "./cat/0.png,cat,query\n"
+        "dog/0.png,dog,database\n",
+    )
+
+    dataset = data.load_dataset(_split_config(config_for, own_images, manifest))
+
+    assert dataset.items == ["cat/0.png", "cat/1.png", "dog/0.png"]
+    assert dataset.query.tolist() == [0, 1]
+    assert dataset.database.tolist() == [0, 2]
+    assert dataset.self_positions().tolist() == [0, -1]
+
+
+@pytest.mark.parametrize(
+    ("rows", "protocol", "message"),
+    [
+        (
+            "cat/0.png,cat,query\ncat/1.png,cat,database\ncat/0.png,cat,query\n",
+            "split",
+            r"lists cat/0\.png as query in rows 2, 4; list each image at most once per side",
+        ),
+        (
+            "cat/0.png,cat,query\ncat/1.png,cat,database\ncat//0.png,dog,database\n",
+            "split",
+            r"gives cat/0\.png more than one label \('cat' in row 2, 'dog' in row 4\)",
+        ),
+    ],
+    ids=["same-side", "two-labels"],
+)
+def test_an_image_listed_twice_in_a_split_manifest_is_refused_with_its_rows(
+    config_for, own_images, tmp_path, rows, protocol, message
+):
+    manifest = _manifest(tmp_path / "manifest.csv", "path,label,split\n" + rows)
+
+    with pytest.raises(DatasetError, match=r"dataset\.manifest=.*manifest\.csv " + message):
+        data.load_dataset(_split_config(config_for, own_images, manifest, protocol))
+
+
+def test_an_image_listed_twice_in_a_leave_one_out_manifest_is_refused(
+    config_for, own_images, tmp_path
+):
+    manifest = _manifest(
+        tmp_path / "manifest.csv", "path,label\ncat/0.png,cat\ndog/0.png,dog\ncat/0.png,cat\n"
+    )
+    cfg = config_for("dataset=folder", f"dataset.root={own_images}", f"dataset.manifest={manifest}")
+
+    with pytest.raises(
+        DatasetError,
+        match=r"manifest\.csv lists cat/0\.png in rows 2, 4; list each image once, or a query "
+        r"finds its own copy",
+    ):
+        data.load_dataset(cfg.dataset)
+
+
+@pytest.mark.parametrize(
+    ("rows", "side"),
+    [
+        ("cat/0.png,cat,query\ndog/0.png,dog,query\n", "database"),
+        ("cat/0.png,cat,database\ndog/0.png,dog,database\n", "query"),
+    ],
+)
+def test_a_split_manifest_with_an_empty_side_is_refused(
+    config_for, own_images, tmp_path, rows, side
+):
+    manifest = _manifest(tmp_path / "manifest.csv", "path,label,split\n" + rows)
+
+    with pytest.raises(DatasetError, match=rf"no {side} images .*dataset\.manifest=.*split={side}"):
+        data.load_dataset(_split_config(config_for, own_images, manifest))
+
+
+def test_the_split_protocol_needs_a_split_column(config_for, own_images, tmp_path):
+    manifest = _manifest(tmp_path / "manifest.csv", "path,label\ncat/0.png,cat\n")
+
+    with pytest.raises(DatasetError, match=r"needs a split column in dataset\.manifest="):
+        data.load_dataset(_split_config(config_for, own_images, manifest))
+
+
+# Manifests as spreadsheets write them.
+
+
+def test_a_manifest_with_a_byte_order_mark_is_read(config_for, own_images, tmp_path):
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_bytes("path,label\r\ncat/0.png,cat\r\ndog/0.png,dog\r\n".encode("utf-8-sig"))
+    cfg = config_for("dataset=folder", f"dataset.root={own_images}", f"dataset.manifest={manifest}")
+
+    dataset = data.load_dataset(cfg.dataset)
+
+    assert dataset.items == ["cat/0.png", "dog/0.png"]
+    assert dataset.class_names == ["cat", "dog"]
+
+
+def test_a_manifest_that_is_not_utf8_is_refused(config_for, own_images, tmp_path):
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_bytes("path,label\ncat/0.png,félin\n".encode("latin-1"))
+    cfg = config_for("dataset=folder", f"dataset.root={own_images}", f"dataset.manifest={manifest}")
+
+    with pytest.raises(DatasetError, match=r"dataset\.manifest=.*manifest\.csv must be UTF-8"):
+        data.load_dataset(cfg.dataset)
+
+
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        ("cat/0.png,cat\ndog/0.png, \n", r"row 3 has an empty label \(1 such rows\)"),
+        ("cat/0.png,cat\n,dog\n", r"row 3 has an empty path"),
+    ],
+    ids=["label", "path"],
+)
+def test_a_manifest_row_with_an_empty_value_is_refused(
+    config_for, own_images, tmp_path, rows, message
+):
+    manifest = _manifest(tmp_path / "manifest.csv", "path,label\n" + rows)
+    cfg = config_for("dataset=folder", f"dataset.root={own_images}", f"dataset.manifest={manifest}")
+
+    with pytest.raises(DatasetError, match=r"dataset\.manifest=.*manifest\.csv: " + message):
+        data.load_dataset(cfg.dataset)
+
+
+# Settings that are out of range or do not apply fail before anything is read.
+
+
+def test_a_root_that_is_a_file_is_not_a_folder(config_for, tmp_path):
+    root = tmp_path / "images.zip"
+    root.write_bytes(b"PK")
+    cfg = config_for("dataset=folder", f"dataset.root={root}")
+
+    with pytest.raises(DatasetError, match=r"images\.zip is not a folder\. set dataset\.root=DIR"):
+        data.load_dataset(cfg.dataset)
+
+
+@pytest.mark.parametrize("limit", [0, -3])
+def test_a_limit_per_class_below_one_is_refused(config_for, tmp_path, limit):
+    cfg = config_for("dataset=folder", f"dataset.root={tmp_path}/nope")
+    cfg.dataset.limit_per_class = limit
+
+    with pytest.raises(
+        DatasetError, match=rf"dataset\.limit_per_class must be >= 1, or null .*; got {limit}$"
+    ):
+        data.load_dataset(cfg.dataset)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["dataset=corel1k", "dataset.protocol=split"],
+            "dataset.protocol=split does not apply to dataset.kind=corel1k; use leave_one_out",
+        ),
+        (
+            ["dataset=corel1k", "dataset.protocol=natural"],
+            "dataset.protocol=natural does not apply to dataset.kind=corel1k; use leave_one_out",
+        ),
+        (
+            ["dataset=folder", "dataset.protocol=street2shop"],
+            "dataset.protocol=street2shop does not apply to dataset.kind=folder; "
+            "use leave_one_out or split",
+        ),
+        (
+            ["dataset=grocery_natural", "dataset.protocol=leave_one_out"],
+            "dataset.protocol=leave_one_out does not apply to dataset.kind=grocery; "
+            "use street2shop or natural",
+        ),
+        (
+            ["dataset=corel1k", "dataset.relevance=coarse"],
+            "dataset.relevance=coarse does not apply to dataset.kind=corel1k, which has no "
+            "coarse classes; use fine",
+        ),
+        (
+            ["dataset=folder", "dataset.relevance=coarse"],
+            "dataset.relevance=coarse does not apply to dataset.kind=folder, which has no "
+            "coarse classes; use fine",
+        ),
+    ],
+)
+def test_a_setting_that_does_not_apply_is_refused_before_anything_is_read(
+    config_for, tmp_path, overrides, message
+):
+    # The root is absent and the URL unreachable: only the settings can be at fault.
+    cfg = config_for(
+        *overrides,
+        f"paths.data={tmp_path}",
+        f"dataset.root={tmp_path}/absent",
+        "dataset.url=file:///nonexistent.zip",
+    )
+
+    with pytest.raises(DatasetError) as caught:
+        data.load_dataset(cfg.dataset)
+
+    assert str(caught.value) == message
+    assert os.listdir(tmp_path) == []
+
+
+# Files that are not regular images, or cannot be read.
+
+
+def test_non_regular_files_in_class_folders_are_skipped_with_a_warning(
+    config_for, own_images, caplog
+):
+    (own_images / "cat" / "3.png").symlink_to(own_images / "cat" / "gone.png")
+    os.mkfifo(own_images / "dog" / "2.jpg")
+    cfg = config_for("dataset=folder", f"dataset.root={own_images}")
+
+    with caplog.at_level("WARNING", logger="visual_search.data"):
+        dataset = data.load_dataset(cfg.dataset)
+
+    assert dataset.items == ["cat/0.png", "cat/1.png", "cat/2.png", "dog/0.png", "dog/1.jpg"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 2
+    assert f"{own_images}/cat/3.png: broken symlink to {own_images}/cat/gone.png" in warnings[0]
+    assert f"{own_images}/dog/2.jpg: a named pipe (FIFO)" in warnings[1]
+
+
+def test_fingerprint_gives_no_digest_for_a_file_it_cannot_read(tmp_path, caplog):
+    files = {"a.bin": b"hello", "c.bin": b"world"}
+    for name, payload in files.items():
+        (tmp_path / name).write_bytes(payload)
+    (tmp_path / "b.bin").symlink_to(tmp_path / "gone.bin")
+    (tmp_path / "d.bin").mkdir()
+
+    with caplog.at_level("WARNING", logger="visual_search.data"):
+        digest, digests = data.fingerprint(tmp_path, ["a.bin", "b.bin", "c.bin", "d.bin"])
+
+    assert digest == _content_sha256(files)
+    assert digests == [
+        hashlib.sha256(b"hello").hexdigest(),
+        None,
+        hashlib.sha256(b"world").hexdigest(),
+        None,
+    ]
+    warnings = [r.getMessage() for r in caplog.records]
+    assert f"cannot read {tmp_path}/b.bin (No such file or directory)" in warnings[0]
+    assert f"cannot read {tmp_path}/d.bin (Is a directory)" in warnings[1]
+
+
+def test_fingerprint_gives_no_digest_for_a_file_without_read_permission(tmp_path, monkeypatch):
+    (tmp_path / "a.bin").write_bytes(b"hello")
+    (tmp_path / "b.bin").write_bytes(b"secret")
+    real_open = open
+
+    def refusing_open(path, *args, **kwargs):
+        if Path(path).name == "b.bin":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", refusing_open)
+    digest, digests = data.fingerprint(tmp_path, ["a.bin", "b.bin"])
+
+    assert digests == [hashlib.sha256(b"hello").hexdigest(), None]
+    assert digest == _content_sha256({"a.bin": b"hello"})
+
+
+# Fetching into a folder that cannot be written.
+
+
+def test_download_into_a_read_only_folder_names_it_and_fetches_nothing(tmp_path, monkeypatch):
+    archive = tmp_path / "corel.zip"
+    _corel_zip(archive)
+    (tmp_path / "data").mkdir()
+    monkeypatch.setattr(data.os, "access", lambda path, mode: Path(path) != tmp_path / "data")
+    monkeypatch.setattr(data.urllib.request, "urlopen", pytest.fail)
+
+    with pytest.raises(DatasetError) as caught:
+        data.download(
+            archive.as_uri(), tmp_path / "data" / "x" / "corel1k", None, DatasetKind.corel1k
+        )
+
+    message = str(caught.value)
+    assert message.startswith(f"cannot create dataset root {tmp_path}/data/x/corel1k: ")
+    assert f"{tmp_path}/data is not writable" in message
+    assert "Set VISUAL_SEARCH_DATA (or paths.data=...) to a writable folder" in message
+    assert f"or fetch {archive.as_uri()} by hand" in message
+    assert os.listdir(tmp_path / "data") == []
+
+
+def test_download_under_a_file_names_it(tmp_path):
+    archive = tmp_path / "corel.zip"
+    _corel_zip(archive)
+
+    with pytest.raises(DatasetError, match=rf"{tmp_path}/corel\.zip is not a folder"):
+        data.download(archive.as_uri(), archive / "corel1k", None, DatasetKind.corel1k)
+
+
+def test_a_parent_that_cannot_be_made_after_fetching_is_a_dataset_error(tmp_path, monkeypatch):
+    archive = tmp_path / "corel.zip"
+    _corel_zip(archive)
+
+    def refuse(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(data.Path, "mkdir", refuse)
+    with pytest.raises(DatasetError, match=r"data: Permission denied\. Set VISUAL_SEARCH_DATA"):
+        data.download(archive.as_uri(), tmp_path / "data" / "corel1k", None, DatasetKind.corel1k)
+
+
+def test_download_creates_missing_parents_once_the_archive_has_arrived(tmp_path):
+    archive = tmp_path / "corel.zip"
+    images = _corel_zip(archive)
+    root = tmp_path / "a" / "b" / "corel1k"
+
+    data.download(archive.as_uri(), root, COREL_SUBDIR, DatasetKind.corel1k)
+
+    assert sorted(os.listdir(root / "images")) == sorted(Path(n).name for n in images)
+    assert os.listdir(root.parent) == ["corel1k"]

@@ -207,7 +207,7 @@ def test_rgb_with_transparency_key(tmp_path):
 
 def test_16bit_gradient_is_rescaled_not_clipped(tmp_path):
     gradient = np.linspace(0, 65535, 257).round().astype(np.uint16).reshape(1, 257)
-    path = _save(Image.fromarray(gradient), tmp_path / "deep.png")
+    path = _save(Image.fromarray(np.repeat(gradient, 8, axis=0)), tmp_path / "deep.png")
     with Image.open(path) as raw:
         assert raw.mode.startswith("I")
 
@@ -372,3 +372,14 @@ def test_heif_detection_reads_compatible_brands():
     assert is_heif_without_decoder(ftyp(b"avif", b"mif1")) is not features.check("avif")
     assert not is_heif_without_decoder(ftyp(b"isom", b"mp41"))  # an MP4 video, not HEIF
     assert not is_heif_without_decoder(b"\x89PNG\r\n\x1a\n")
+
+
+def test_extreme_strips_are_refused_before_decoding(tmp_path):
+    # 100000 x 1 pixels is under any pixel limit, but preprocessing scales the short side to
+    # 256 px: 25.6 million x 256 pixels.
+    path = _save(Image.new("L", (20_000, 1)), tmp_path / "strip.png")
+    with pytest.raises(
+        DecodeError, match=r"20000x1 is more than 50 times.*decode\.max_aspect_ratio"
+    ):
+        load_rgb(path)
+    assert load_rgb(path, DecodeSettings(max_aspect_ratio=30_000)).size == (20_000, 1)

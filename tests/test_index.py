@@ -237,7 +237,7 @@ def test_queries_of_another_dimension_are_refused():
         search(built, _random(2, 3, seed=8), k=1)
 
 
-@pytest.mark.parametrize("factory", ["NotAnIndex", "", "IVF,Flat", "PQ3"])
+@pytest.mark.parametrize("factory", ["NotAnIndex", "", "IVF,Flat", "Flat,Flat"])
 def test_an_invalid_factory_string_names_the_setting(factory):
     message = f"index.factory={factory!r} is not a valid FAISS factory string"
 
@@ -272,3 +272,106 @@ def test_tied_database_rows_are_all_returned_whatever_their_order():
 
     assert [sorted(row) for row in ids.tolist()] == [[i, 30 + i] for i in range(5)]
     np.testing.assert_allclose(scores, np.ones((5, 2)), atol=1e-6)
+
+
+# --- every index type against the exact oracle, validation, build and search settings ----------
+
+INDEX_TYPES = {
+    "IVF8,Flat": {"nprobe": 8},
+    "IVF8,PQ16x8np": {"nprobe": 8},
+    "HNSW16": {"efSearch": 256},
+    "SQ8": {},
+    "PQ16x8np": {},
+    "OPQ16,IVF8,PQ16x8np": {"nprobe": 8},
+    "IVF8_HNSW8,Flat": {"nprobe": 8},
+}
+
+
+def _clustered(n: int, d: int, centres: int, seed: int) -> np.ndarray:
+    """Unit vectors around a few centres, like embeddings of a few classes."""
+    rng = np.random.default_rng(seed)
+    means = rng.normal(size=(centres, d))
+    return normalise(means[rng.integers(0, centres, n)] + 0.3 * rng.normal(size=(n, d)))
+
+
+@pytest.mark.parametrize("factory", list(INDEX_TYPES))
+def test_each_index_type_finds_the_exact_neighbours(factory, tmp_path):
+    from visual_search import metrics
+    from visual_search.index import build_cached, set_search_params
+
+    xb, xq = _clustered(1200, 32, 8, seed=1), _clustered(50, 32, 8, seed=2)
+    exact_scores, exact_ids = search(build(xb), xq, 10)
+    built, _, _ = build_cached(xb, factory, tmp_path)
+    set_search_params(built, INDEX_TYPES[factory])  # every list probed / a deep graph search
+    _, ids = search(built, xq, 10)
+    scores = np.einsum("qd,qkd->qk", xq, xb[ids])
+    recall = metrics.neighbour_recall(ids, exact_ids, exact_scores, scores, k=10)
+    # Full-vector indexes searched exhaustively are exact; quantised ones come close.
+    floor = 0.99 if "PQ" not in factory and "SQ" not in factory else 0.6
+    assert recall >= floor, (factory, recall)
+
+
+def test_a_cached_index_is_loaded_not_rebuilt(tmp_path):
+    from visual_search.index import build_cached
+
+    xb = _clustered(500, 16, 4, seed=3)
+    first, path, cached = build_cached(xb, "IVF4,Flat", tmp_path)
+    again, path_again, cached_again = build_cached(xb, "IVF4,Flat", tmp_path)
+    assert (cached, cached_again, path) == (False, True, path_again)
+    assert again.ntotal == first.ntotal == 500
+    _, other_path, _ = build_cached(xb, "IVF8,Flat", tmp_path)
+    assert other_path != path
+
+
+def test_hnsw_build_depth_is_applied(tmp_path):
+    from visual_search.index import _find_hnsw, build_cached
+
+    built, _, _ = build_cached(_clustered(100, 8, 2, seed=4), "HNSW8", tmp_path,
+                               {"efConstruction": 77})  # fmt: skip
+    assert _find_hnsw(built).efConstruction == 77
+    with pytest.raises(ValueError, match="efConstruction"):
+        build_cached(_clustered(100, 8, 2, seed=4), "Flat", tmp_path / "x", {"efConstruction": 9})
+
+
+def test_search_settings_that_do_not_apply_are_refused():
+    from visual_search.index import set_search_params
+
+    with pytest.raises(ValueError, match="index.search_grid: nprobe=4"):
+        set_search_params(build(_random(20, 4, seed=5), "HNSW8"), {"nprobe": 4})
+
+
+def test_too_many_lists_for_the_training_vectors_is_refused_before_faiss():
+    from visual_search.index import validate
+
+    train = _vectors("ivf_train_175x1280.npy")
+    with pytest.raises(
+        ValueError,
+        match=r"nlist=500 needs at least 500 training vectors, got 175; lower index\.nlist",
+    ):
+        build(train, "IVF500,Flat")
+    warnings = validate("IVF16,Flat", 1280, 175)
+    assert warnings and "10.9 per list" in warnings[0] and "39" in warnings[0]
+
+
+def test_pq_sub_quantizers_must_divide_the_dimension():
+    from visual_search.index import validate
+
+    train = _vectors("ivf_train_175x1280.npy")
+    with pytest.raises(
+        ValueError, match=r"M=48 must divide the dimension 1280; values that do: \[1, 2, 4, 5, 8,"
+    ):
+        validate("PQ48", 1280, len(train))
+    with pytest.raises(ValueError, match="index.M"):
+        validate("OPQ48,IVF4,PQ40", 1280, 10_000)
+    validate("IVF4,PQ40x8", 1280, 10_000)  # 40 divides 1280, 10000 >= 256
+
+
+def test_pq_needs_two_to_the_nbits_training_vectors():
+    from visual_search.index import validate
+
+    with pytest.raises(
+        ValueError,
+        match=r"nbits=8 needs at least 256 training vectors, got 175; lower index\.nbits",
+    ):
+        validate("PQ64x8", 1280, 175)
+    validate("PQ64x4", 1280, 175)

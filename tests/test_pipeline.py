@@ -45,7 +45,7 @@ def test_corel_subset_end_to_end_then_from_cache(compose_config, tmp_path):
     # The run directory holds what a reader needs without MLflow.
     out = tmp_path / "run1"
     saved = json.loads((out / "metrics.json").read_text())
-    assert saved["map"] == first["map"]
+    assert saved["map"] == pytest.approx(first["map"], abs=1e-6)
     for key in ("precision_at_10", "precision_at_20", "recall_at_1", "recall_at_10",
                 "ir_recall_at_10", "n_queries", "n_database", "embed_s", "search_s"):  # fmt: skip
         assert key in saved
@@ -191,3 +191,47 @@ def test_grid_image_is_a_picture(tmp_path, compose_config):
     pipeline.run(cfg, tmp_path)
     with Image.open(tmp_path / "retrieval_grid.png") as im:
         assert im.width > im.height  # 3 rows of 1 query + 4 results
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (("search.k=5",), r"search\.k=5 ranks fewer results than eval\.ks"),
+        (("eval.ks=[]",), r"eval\.ks must be positive"),
+        (("embedder.threads=-1",), r"embedder\.threads must be >= 1"),
+        (
+            ("tracking.uri=http://127.0.0.1:9",),
+            r"tracking\.uri=http://127\.0\.0\.1:9.*does not answer",
+        ),
+        (("tracking.uri=foo://bar",), r"unknown scheme"),
+        (("index=factory", "index.factory=NotAnIndex"), r"index\.factory='NotAnIndex'"),
+        (("index=pq", "index.M=48"), r"M=48 must divide the dimension 1280"),
+    ],
+)
+def test_more_bad_settings_fail_before_any_embedding(compose_config, tmp_path, monkeypatch,
+                                                     overrides, message):  # fmt: skip
+    from visual_search.tracking import TrackingError
+
+    monkeypatch.setattr(embed, "embed_files", _no_compute)
+    with pytest.raises((pipeline.ConfigError, TrackingError), match=message):
+        pipeline.run(compose_config("dataset.limit_per_class=2", *overrides), tmp_path)
+
+
+def test_an_unwritable_cache_is_named(compose_config, tmp_path, monkeypatch):
+    monkeypatch.setattr(embed, "build_embedder", _no_compute)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(pipeline.ConfigError, match="VISUAL_SEARCH_CACHE"):
+        pipeline.run(compose_config(f"paths.cache={blocker}/cache"), tmp_path / "out")
+
+
+def test_when_every_image_is_skipped_the_reasons_are_still_written(compose_config, tmp_path):
+    root = tmp_path / "images"
+    for cls in ("a", "b"):
+        (root / cls).mkdir(parents=True)
+        (root / cls / "x.jpg").write_text("not an image")
+        (root / cls / "y.png").write_bytes(b"")
+    cfg = compose_config("dataset=folder", f"dataset.root={root}", "tracking.enabled=false")
+    with pytest.raises(pipeline.NothingToSearch, match="skipped.csv"):
+        pipeline.run(cfg, tmp_path / "out")
+    assert len(_read_csv(tmp_path / "out" / "skipped.csv")) == 4

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import tempfile
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,14 @@ def write_json(path: Path, obj: Any) -> None:
     write_atomic(path, json.dumps(obj, indent=1, sort_keys=True, default=str).encode())
 
 
+def _set_aside(shard: Path, err: Exception) -> None:
+    """A damaged shard (written by hand, or a disk fault) is renamed, never trusted; its rows
+    are recomputed."""
+    bad = shard.with_suffix(shard.suffix + ".damaged")
+    log.warning("cache shard %s is unreadable (%s); moved to %s", shard, err, bad.name)
+    shard.replace(bad)
+
+
 class VectorStore:
     """Vectors addressed by the sha256 of what produced them, in append-only shards.
 
@@ -71,8 +80,11 @@ class VectorStore:
         """Look up rows: a (n,) bool mask of those found, and their vectors in input order."""
         rows: dict[str, np.ndarray] = {}
         for shard in sorted(self.directory.glob("shard-*.npz")):
-            with np.load(shard) as z:
-                rows.update(zip(z["hashes"].tolist(), z["vectors"], strict=True))
+            try:
+                with np.load(shard) as z:
+                    rows.update(zip(z["hashes"].tolist(), z["vectors"], strict=True))
+            except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
+                _set_aside(shard, err)
         found = np.array([h in rows for h in hashes], dtype=bool)
         if not found.any():
             return found, None
@@ -101,7 +113,11 @@ class RecordStore:
         """The records found, by hash."""
         wanted, found = set(hashes), {}
         for shard in sorted(self.directory.glob("shard-*.json")):
-            records = json.loads(shard.read_text())
+            try:
+                records = json.loads(shard.read_text())
+            except (OSError, ValueError) as err:
+                _set_aside(shard, err)
+                continue
             found.update((h, r) for h, r in records.items() if h in wanted)
         return found
 

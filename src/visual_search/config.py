@@ -8,7 +8,7 @@ module that owns the stage and run in `pipeline.validate`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, is_dataclass
 from enum import Enum
 
 from hydra.core.config_store import ConfigStore
@@ -69,16 +69,19 @@ class DatasetConfig:
 class DecodeConfig:
     background: list[int] = field(default_factory=lambda: [255, 255, 255])
     max_pixels: int = 89_478_485
+    max_aspect_ratio: float = 50.0
 
 
 @dataclass
 class EmbedderConfig:
     backend: str = "torchvision"  # torchvision | timm
     arch: str = "mobilenet_v2"
-    # A torchvision weights name (IMAGENET1K_V1) or a path to a state_dict file.
+    # A weights name (torchvision: IMAGENET1K_V1; timm: mobilenetv2_100.ra_in1k) or a path to a
+    # state_dict file.
     weights: str = "IMAGENET1K_V1"
-    # File name looked up in paths.models before anything is downloaded.
-    local_file: str | None = None
+    # Weights name -> file in paths.models holding exactly those weights, used instead of the
+    # download. A name without an entry (or whose file is absent) is downloaded.
+    local_files: dict[str, str] = field(default_factory=dict)
     # For a weights file: the published weights whose preprocessing the file was trained with.
     preprocess_from: str | None = None
     # Small batches keep MobileNetV2's activations in cache: on a 2-core Xeon, batch 8 ran
@@ -193,6 +196,6 @@ def unknown_keys(cfg: DictConfig, schema: DictConfig | None = None, prefix: str 
             unknown.append(path)
         elif OmegaConf.is_missing(cfg, name):
             continue
-        elif OmegaConf.is_dict(cfg[name]) and OmegaConf.is_dict(schema[name]):
+        elif OmegaConf.is_dict(cfg[name]) and is_dataclass(OmegaConf.get_type(schema[name])):
             unknown += unknown_keys(cfg[name], schema[name], f"{path}.")
     return unknown

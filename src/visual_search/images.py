@@ -62,10 +62,14 @@ class DecodeSettings:
         max_pixels: Images with more pixels (width * height) are refused before decoding, as
             decompression bombs. Pillow's own ``Image.MAX_IMAGE_PIXELS`` refuses as well, so the
             effective limit is the smaller of the two.
+        max_aspect_ratio: Images longer than this many times their width (or the reverse) are
+            refused: preprocessing scales the short side up to the model's size, so a 100000 x 1
+            strip of a few bytes would become gigabytes of pixels.
     """
 
     background: tuple[int, int, int] = (255, 255, 255)
     max_pixels: int = 89_478_485
+    max_aspect_ratio: float = 50.0
 
     def __post_init__(self) -> None:
         # Hydra hands lists over; freeze them so settings stay hashable.
@@ -74,6 +78,8 @@ class DecodeSettings:
             raise ValueError(f"decode.background must be 3 ints in 0..255, got {self.background}")
         if self.max_pixels < 1:
             raise ValueError(f"decode.max_pixels must be positive, got {self.max_pixels}")
+        if self.max_aspect_ratio < 1:
+            raise ValueError(f"decode.max_aspect_ratio must be >= 1, got {self.max_aspect_ratio}")
 
 
 def is_heif_without_decoder(header: bytes) -> bool:
@@ -178,6 +184,12 @@ def _decode(fp: IO[bytes], name: str, settings: DecodeSettings) -> Image.Image:
                 name,
                 f"{width}x{height} = {width * height} pixels exceeds the limit of "
                 f"{settings.max_pixels}; raise decode.max_pixels if the file is trusted",
+            )
+        if max(width, height) > settings.max_aspect_ratio * max(1, min(width, height)):
+            raise DecodeError(
+                name,
+                f"{width}x{height} is more than {settings.max_aspect_ratio:g} times longer than "
+                "wide; raise decode.max_aspect_ratio if such strips are meant to be embedded",
             )
         _load_strictly(image)
         ImageOps.exif_transpose(image, in_place=True)

@@ -162,6 +162,14 @@ def validate(factory: str, d: int, n_train: int) -> list[str]:
                 f"PQ with nbits={nbits} needs at least {2**nbits} training vectors, got {n_train}; "
                 f"lower index.nbits (index.factory={factory!r})"
             )
+    try:
+        faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[-1][:200]
+        raise ValueError(
+            f"index.factory={factory!r} is not a valid FAISS factory string for an inner-product "
+            f"index of dimension {d} ({first})"
+        ) from err
     for warning in warnings:
         log.warning(warning)
     return warnings

@@ -408,6 +408,7 @@ def neighbour_recall(
     exact_scores: np.ndarray | None = None,
     scores: np.ndarray | None = None,
     k: int = 10,
+    atol: float = 1e-5,
 ) -> float:
     """ANN neighbour recall@k: the share of the exact top k that the approximate top k finds.
 
@@ -422,6 +423,8 @@ def neighbour_recall(
         exact_scores: (nq, >= k) exact-search scores of ``exact_ids``.
         scores: (nq, >= k) exact scores of ``ids`` (as a Flat-storage index returns them).
         k: number of neighbours.
+        atol: scores within this of the k-th exact score count as tied with it: the same inner
+            product summed in another order (FAISS's kernel, numpy's) differs in the last bits.
     """
     ids = _matrix("ids", ids)
     exact_ids = _matrix("exact_ids", exact_ids)
@@ -439,6 +442,6 @@ def neighbour_recall(
         exact_scores = _matrix("exact_scores", exact_scores)[:, :k]
         scores = _matrix("scores", scores)[:, :k]
         kth = exact_scores[np.arange(len(ids)), np.maximum(n_true - 1, 0)]
-        found = (ids >= 0) & (scores >= kth[:, None])
+        found = (ids >= 0) & (scores >= kth[:, None] - atol)
     counted = n_true > 0
     return _mean(np.minimum(found.sum(axis=1), n_true)[counted] / n_true[counted])

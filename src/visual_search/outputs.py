@@ -40,17 +40,20 @@ def write(cfg, embedded, crops, evaluation, results: dict, out_dir: Path) -> lis
     _write_rows(
         paths["per_class"], metrics.per_class(evaluation.per_query, query_labels, ds.class_names)
     )
-    _write_rows(
-        paths["skipped"],
-        [{"id": k, "reason": v} for k, v in embedded.skipped.items()],
-        ["id", "reason"],
-    )
+    write_skipped(out_dir, embedded.skipped)
     _write_grid(paths["grid"], cfg, ds, evaluation)
     if crops.detections:
         paths["crops"] = out_dir / "crops.jsonl"
         _write_crops(paths["crops"], ds, crops)
     log_file = out_dir / "run.log"  # Hydra's log of this run, when run from the command line
     return list(paths.values()) + ([log_file] if log_file.is_file() else [])
+
+
+def write_skipped(out_dir: Path, skipped: dict[str, str]) -> Path:
+    """`skipped.csv`: each file left out of the run, and why."""
+    path = out_dir / "skipped.csv"
+    _write_rows(path, [{"id": k, "reason": v} for k, v in skipped.items()], ["id", "reason"])
+    return path
 
 
 def _write_per_query(path: Path, cfg, ds: data.Dataset, evaluation) -> None:

@@ -6,7 +6,9 @@ beyond it. Everything that can be checked without compute is checked first, in `
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +17,7 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from visual_search import cache, data, embed, index, outputs, roi, stats, tracking
+from visual_search import cache, data, embed, index, metrics, outputs, roi, stats, timing, tracking
 from visual_search.config import RoiPolicy, RoiSide, TieRule, unknown_keys
 from visual_search.images import DecodeSettings
 from visual_search.search import Evaluation, Rows, evaluate
@@ -23,17 +25,25 @@ from visual_search.search import Evaluation, Rows, evaluate
 log = logging.getLogger(__name__)
 
 
+CACHE_EVERY = 512  # embeddings computed between two cache writes
+
+
 class ConfigError(ValueError):
     """A setting is wrong; raised before any compute."""
+
+
+class NothingToSearch(ValueError):
+    """Every query or every database image was skipped; skipped.csv says why."""
 
 
 @dataclass
 class Images:
     """The dataset's images and their content hashes."""
 
-    dataset: data.Dataset
+    dataset: data.Dataset  # without the files that could not be read
     digests: dict[int, str]  # item index -> sha256 of the file's bytes
     fingerprint: str
+    skipped: dict[str, str] = field(default_factory=dict)  # item id -> why it was left out
 
 
 @dataclass
@@ -61,30 +71,51 @@ class Embedded:
 
 
 def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
-    """Run one experiment, write its outputs into `out_dir`, track it, return its metrics."""
+    """Run one experiment, write its outputs into `out_dir`, track it, return its metrics.
+
+    With an index search grid, the returned dict holds the build-level metrics and, under
+    `search_grid`, one entry per search setting (its params and metrics); otherwise the one
+    setting's metrics are merged in.
+    """
     start = time.perf_counter()
     validate(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     images = hash_images(data.load_dataset(cfg.dataset))
     embedder = embed.build_embedder(cfg.embedder, cfg.paths.models, cfg.paths.cache)
+    try:
+        index.validate(cfg.index.factory, embedder.dim, len(images.dataset.database))
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
     detector = build_detector(cfg)
     crops = plan_crops(cfg, images, detector)
     embedded = embed_crops(cfg, images, crops, embedder)
-    built, build_s = build_index(cfg, embedded.database)
-    evaluation = search(cfg, built, embedded)
-    results = summarise(cfg, images, crops, embedded, evaluation, build_s)
+    if not len(embedded.dataset.query) or not len(embedded.dataset.database):
+        outputs.write_skipped(out_dir, embedded.skipped)
+        side = "query" if not len(embedded.dataset.query) else "database"
+        raise NothingToSearch(
+            f"every {side} image was skipped ({len(embedded.skipped)} files, reasons in "
+            f"{out_dir / 'skipped.csv'}): nothing is left to search"
+        )
+    built, build = build_index(cfg, embedded.database)
+    points = search_each_setting(cfg, built, embedded)
+    results = summarise(cfg, images, crops, embedded, build)
     if detector is not None:
-        results.update(compare_with_whole_images(cfg, images, embedded, evaluation, embedder))
+        results.update(compare_with_whole_images(cfg, images, embedded, points[0], embedder))
     results["total_s"] = round(time.perf_counter() - start, 3)
     if crops.detect_s:
         results["detect_share"] = round(crops.detect_s / results["total_s"], 4)
-    artifacts = outputs.write(cfg, embedded, crops, evaluation, results, out_dir)
+    if len(points) == 1:
+        results.update(points[0].metrics)
+    else:
+        results["search_grid"] = [{**p.params, **p.metrics} for p in points]
+    artifacts = outputs.write(cfg, embedded, crops, points[0].evaluation, results, out_dir)
     if cfg.tracking.enabled:
         results["mlflow_run_id"] = tracking.log_run(
             cfg.tracking,
             OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
             _numeric(results),
-            artifacts,
+            artifacts + [build["path"]],
+            children=[(p.params, p.metrics) for p in points] if len(points) > 1 else [],
         )
     return results
 
@@ -96,10 +127,21 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"unknown settings {unknown}: check their spelling")
     if OmegaConf.is_missing(cfg.dataset, "root"):
         raise ConfigError("dataset.root is not set; pass dataset.root=DIR (a folder of images)")
+    ks = list(cfg.eval.ks)
     checks = [
-        (all(k > 0 for k in cfg.eval.ks), f"eval.ks must be positive, got {list(cfg.eval.ks)}"),
+        (bool(ks) and all(k > 0 for k in ks), f"eval.ks must be positive, got {ks}"),
         (cfg.search.k is None or cfg.search.k > 0,
          f"search.k must be positive or null (whole database), got {cfg.search.k}"),
+        (cfg.search.k is None or not ks or cfg.search.k >= max(ks),
+         f"search.k={cfg.search.k} ranks fewer results than eval.ks asks for (up to "
+         f"{max(ks or [0])}); metrics past the ranking would be wrong: raise search.k or "
+         "drop those ks"),
+        (cfg.eval.grid_queries >= 0 and cfg.eval.grid_k > 0,
+         "eval.grid_queries must be >= 0 and eval.grid_k positive"),
+        (cfg.embedder.threads is None or cfg.embedder.threads >= 1,
+         f"embedder.threads must be >= 1 or null (all cores), got {cfg.embedder.threads}"),
+        (cfg.decode.max_aspect_ratio >= 1,
+         f"decode.max_aspect_ratio must be >= 1, got {cfg.decode.max_aspect_ratio}"),
         (cfg.search.max_pairs_per_chunk > 0,
          f"search.max_pairs_per_chunk must be positive, got {cfg.search.max_pairs_per_chunk}"),
         (cfg.embedder.batch_size > 0,
@@ -122,16 +164,34 @@ def validate(cfg: DictConfig) -> None:
     problems = [message for ok, message in checks if not ok]
     if problems:
         raise ConfigError("; ".join(problems))
+    _check_writable(Path(cfg.paths.cache).expanduser(), "paths.cache (VISUAL_SEARCH_CACHE)")
+    tracking.check(cfg.tracking)
+
+
+def _check_writable(folder: Path, setting: str) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"{setting}={folder} is not a writable folder: {err.strerror}") from err
 
 
 def decode_settings(cfg: DictConfig) -> DecodeSettings:
-    return DecodeSettings(tuple(cfg.decode.background), cfg.decode.max_pixels)
+    return DecodeSettings(
+        tuple(cfg.decode.background), cfg.decode.max_pixels, cfg.decode.max_aspect_ratio
+    )
 
 
 def hash_images(dataset: data.Dataset) -> Images:
+    """Hash every image the dataset uses; a file that cannot be read is skipped, not fatal."""
     used = dataset.used_items()
     fingerprint, digests = data.fingerprint(dataset.root, [dataset.items[i] for i in used])
-    return Images(dataset, dict(zip(used.tolist(), digests, strict=True)), fingerprint)
+    unreadable = [int(i) for i, d in zip(used, digests, strict=True) if d is None]
+    skipped = {dataset.items[i]: "file cannot be read" for i in unreadable}
+    readable = {int(i): d for i, d in zip(used, digests, strict=True) if d is not None}
+    return Images(dataset.without(unreadable), readable, fingerprint, skipped)
 
 
 def build_detector(cfg: DictConfig) -> roi.YoloDetector | None:
@@ -185,7 +245,8 @@ def embed_crops(
     """
     start = time.perf_counter()
     ds = images.dataset
-    producer = {"embedder": embedder.description, "decode": OmegaConf.to_container(cfg.decode)}
+    # Of the decode settings only the background changes pixels; the limits only refuse files.
+    producer = {"embedder": embedder.description, "background": list(cfg.decode.background)}
     store = cache.VectorStore(Path(cfg.paths.cache) / "embeddings" / cache.key(producer), producer)
 
     # One list of (item, box) rows per side; identical crops across sides share a key.
@@ -198,19 +259,26 @@ def embed_crops(
     todo = list({key: row for row, key in keys.items() if key not in vectors}.values())
     log.info("embeddings: %d cached, %d to compute (%s)", len(vectors), len(todo), store.directory)
 
-    skipped: dict[str, str] = {}
-    if todo:
+    skipped = dict(images.skipped)
+    failed: dict[str, str] = {}  # crop key -> why it could not be embedded
+    computed_ok = 0
+    for part in range(0, len(todo), CACHE_EVERY):
+        # Embed and store in parts, so an interrupted run keeps what it already computed.
+        rows = todo[part : part + CACHE_EVERY]
         computed, bad = embed.embed_files(
-            embedder, [ds.root / ds.items[i] for i, _ in todo], decode_settings(cfg),
-            cfg.embedder.batch_size, cfg.embedder.num_workers, boxes=[b for _, b in todo],
+            embedder, [ds.root / ds.items[i] for i, _ in rows], decode_settings(cfg),
+            cfg.embedder.batch_size, cfg.embedder.num_workers, boxes=[b for _, b in rows],
         )  # fmt: skip
-        new = {keys[row]: computed[j] for j, row in enumerate(todo) if j not in bad}
+        new = {keys[row]: computed[j] for j, row in enumerate(rows) if j not in bad}
         store.put(list(new), np.stack(list(new.values())) if new else computed[:0])
         vectors.update(new)
-        skipped = {ds.items[todo[j][0]]: reason for j, reason in bad.items()}
+        computed_ok += len(new)
+        failed.update({keys[rows[j]]: reason for j, reason in bad.items()})
+    # Files with the same bytes share a key: each of them is skipped when that key failed.
+    skipped.update({ds.items[i]: failed[key] for (i, _), key in keys.items() if key in failed})
     if skipped:
-        log.warning("%d images skipped (undecodable); see skipped.csv", len(skipped))
-        ds = ds.without([ds.items.index(p) for p in skipped])
+        log.warning("%d images skipped; see skipped.csv", len(skipped))
+        ds = ds.without([i for i, item in enumerate(ds.items) if item in skipped])
 
     def side(items: np.ndarray, rows: list) -> Rows:
         position = {int(item): p for p, item in enumerate(items)}
@@ -224,7 +292,7 @@ def embed_crops(
 
     return Embedded(
         ds, side(ds.query, sides["query"]), side(ds.database, sides["database"]), skipped,
-        len(todo), time.perf_counter() - start,
+        computed_ok, time.perf_counter() - start,
     )  # fmt: skip
 
 
@@ -240,33 +308,92 @@ def _cached(store: cache.VectorStore, keys: list[str]) -> dict[str, np.ndarray]:
 
 
 def build_index(cfg: DictConfig, database: Rows):
+    """Build (or load from the cache) the configured index over the database rows."""
     start = time.perf_counter()
-    built = index.build(database.vectors, cfg.index.factory)
-    return built, time.perf_counter() - start
+    build_params = {"efConstruction": cfg.index.efConstruction}
+    built, path, cached = index.build_cached(
+        database.vectors, cfg.index.factory, Path(cfg.paths.cache), build_params
+    )
+    seconds = time.perf_counter() - start
+    return built, {"index_build_s": round(seconds, 4), "index_bytes": path.stat().st_size,
+                   "index_cached": int(cached), "path": path}  # fmt: skip
+
+
+@dataclass
+class Point:
+    """One search setting of the grid, its metrics and its rankings."""
+
+    params: dict[str, Any]
+    metrics: dict[str, Any]
+    evaluation: Evaluation
+
+
+def search_settings(cfg: DictConfig) -> list[dict[str, Any]]:
+    """Every combination of `index.search_grid` (one empty setting when there is none)."""
+    grid = {k: list(v) for k, v in cfg.index.search_grid.items()}
+    return [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
+
+
+def search_each_setting(cfg: DictConfig, built, embedded: Embedded) -> list[Point]:
+    """Score and time every search setting on the one built index.
+
+    Each setting is compared with exact search over the same rows (neighbour recall@10,
+    tie-aware), unless the index is exact itself.
+    """
+    exact = None
+    if cfg.index.factory != "Flat":
+        exact = search(cfg, index.build(embedded.database.vectors, "Flat"), embedded)
+    xq = index.normalise(embedded.query.vectors)
+    points = []
+    for params in search_settings(cfg):
+        index.set_search_params(built, params)
+        evaluation = search(cfg, built, embedded)
+        found = metrics.summarise(evaluation.per_query, tuple(cfg.eval.ks))
+        found["search_s"] = round(evaluation.search_s, 4)
+        found.update(timing.single_query_latency(built, xq, k=10))
+        found.update(timing.batch_throughput(built, xq, k=10))
+        if exact is not None:
+            found["neighbour_recall_at_10"] = _neighbour_recall(evaluation, exact, embedded)
+        log.info("search %s: map %.4f, p50 %.3f ms", params or "default", found["map"],
+                 found["ms_per_query_p50"])  # fmt: skip
+        points.append(Point(params, found, evaluation))
+    return points
+
+
+def _neighbour_recall(evaluation: Evaluation, exact: Evaluation, embedded: Embedded) -> float:
+    """Recall@10 of the exact top 10; tie-aware where each image is one row, so exact scores of
+    the approximate results can be recomputed."""
+    ids, exact_ids = evaluation.top_ids[:, :10], exact.top_ids[:, :10]
+    if not (embedded.query.one_per_image and embedded.database.one_per_image):
+        return metrics.neighbour_recall(ids, exact_ids, k=10)
+    xq = index.normalise(embedded.query.vectors)
+    xb = index.normalise(embedded.database.vectors)
+    scores = np.einsum("qd,qkd->qk", xq, xb[np.maximum(ids, 0)])
+    scores = np.where(ids >= 0, scores, -np.inf)
+    return metrics.neighbour_recall(ids, exact_ids, exact.top_scores[:, :10], scores, k=10)
 
 
 def search(cfg: DictConfig, built, embedded: Embedded) -> Evaluation:
     return evaluate(
         built, embedded.query, embedded.database, embedded.dataset, cfg.search.k,
-        tuple(sorted({1, *cfg.eval.ks})), TieRule(cfg.eval.ties).value,
+        tuple(sorted({1, 10, *cfg.eval.ks})), TieRule(cfg.eval.ties).value,
         cfg.search.max_pairs_per_chunk,
         keep=max(cfg.eval.grid_k, 10),
     )  # fmt: skip
 
 
-def summarise(cfg, images: Images, crops: Crops, embedded: Embedded, evaluation, build_s) -> dict:
-    from visual_search import metrics
-
-    results: dict[str, Any] = metrics.summarise(evaluation.per_query, tuple(cfg.eval.ks))
-    results.update(
-        n_database=len(embedded.dataset.database),
-        n_skipped=len(embedded.skipped),
-        n_embedded=embedded.n_computed,
-        embed_s=round(embedded.seconds, 3),
-        index_build_s=round(build_s, 4),
-        search_s=round(evaluation.search_s, 4),
-        dataset_fingerprint=images.fingerprint,
-    )
+def summarise(cfg, images: Images, crops: Crops, embedded: Embedded, build: dict) -> dict:
+    """Metrics of the stages before search: sizes, skips, detection and build costs."""
+    results: dict[str, Any] = {
+        "n_queries": len(embedded.dataset.query),
+        "n_database": len(embedded.dataset.database),
+        "n_skipped": len(embedded.skipped),
+        "n_embedded": embedded.n_computed,
+        "embed_s": round(embedded.seconds, 3),
+        "dataset_fingerprint": images.fingerprint,
+        **{k: v for k, v in build.items() if k != "path"},
+        **{f"timing_{k}": v for k, v in timing.conditions().items()},
+    }
     if crops.detections:
         results.update(
             roi_fallback_rate=round(float(np.mean(list(crops.fallback.values()))), 4),
@@ -279,19 +406,21 @@ def summarise(cfg, images: Images, crops: Crops, embedded: Embedded, evaluation,
     return results
 
 
-def compare_with_whole_images(cfg, images: Images, embedded: Embedded, evaluation, embedder):
-    """Paired bootstrap of this ROI run against the same queries embedded whole."""
-    whole_images = Images(embedded.dataset, images.digests, images.fingerprint)
+def compare_with_whole_images(cfg, images: Images, embedded: Embedded, point: Point, embedder):
+    """Paired bootstrap of this ROI run against the same queries embedded whole, searched with
+    the same index and search setting."""
     ds = embedded.dataset
     whole = embed_crops(
-        cfg, whole_images, Crops([[]] * len(ds.query), [[]] * len(ds.database)), embedder
-    )
+        cfg, Images(ds, images.digests, images.fingerprint),
+        Crops([[]] * len(ds.query), [[]] * len(ds.database)), embedder,
+    )  # fmt: skip
     built, _ = build_index(cfg, whole.database)
+    index.set_search_params(built, point.params)
     baseline = search(cfg, built, whole)
     out = {"baseline_map": float(np.nanmean(baseline.per_query.ap))}
     for name, a, b in [
-        ("map", baseline.per_query.ap, evaluation.per_query.ap),
-        ("recall_at_1", baseline.per_query.any_hit[1], evaluation.per_query.any_hit[1]),
+        ("map", baseline.per_query.ap, point.evaluation.per_query.ap),
+        ("recall_at_1", baseline.per_query.any_hit[1], point.evaluation.per_query.any_hit[1]),
     ]:
         diff = stats.paired_bootstrap(a, b, cfg.eval.bootstrap_resamples, seed=cfg.seed)
         out.update(diff.as_metrics(name))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,14 @@ def local_uri(uri: str) -> str:
     return prefix + str(path)
 
 
+def _finite(metrics: Mapping[str, Any]) -> dict[str, float]:
+    return {
+        k: float(v)
+        for k, v in metrics.items()
+        if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(float(v))
+    }
+
+
 def default_run_name(params: Mapping[str, Any]) -> str:
     """e.g. ``corel1k-largest-query-mobilenet_v2-Flat``: what tells runs of one dataset apart."""
     roi = params.get("roi", {})
@@ -49,11 +58,52 @@ def default_run_name(params: Mapping[str, Any]) -> str:
     )
 
 
+class TrackingError(ValueError):
+    """The tracking store cannot be used; raised before any compute."""
+
+
+def check(tracking_cfg) -> None:
+    """Make sure runs can be recorded before an hour of compute depends on it.
+
+    A local SQLite store must be creatable, a tracking server must answer its health check
+    within a few seconds; any other URI scheme is left to MLflow.
+    """
+    if not tracking_cfg.enabled:
+        return
+    uri = tracking_cfg.uri
+    if not tracking_cfg.experiment:
+        raise TrackingError("tracking.experiment is empty; name the MLflow experiment")
+    if uri.startswith("sqlite:///"):
+        path = Path(local_uri(uri)[len("sqlite:///") :])
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise TrackingError(f"tracking.uri={uri}: cannot create {path.parent}: {err}") from err
+        if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+            raise TrackingError(f"tracking.uri={uri}: {path} is not writable; point it elsewhere")
+    elif uri.startswith(("http://", "https://")):
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=5):
+                pass
+        except OSError as err:
+            raise TrackingError(
+                f"tracking.uri={uri} (MLFLOW_TRACKING_URI) does not answer: {err}; start the "
+                "server, or use a local store with tracking.uri=sqlite:///mlruns/mlflow.db"
+            ) from err
+    elif "://" in uri and not uri.startswith(("file://", "databricks", "postgresql", "mysql")):
+        raise TrackingError(
+            f"tracking.uri={uri}: unknown scheme; use sqlite:///path.db or http(s)://server"
+        )
+
+
 def log_run(
     tracking_cfg,
     params: Mapping[str, Any],
     metrics: Mapping[str, float],
     artifacts: Iterable[Path],
+    children: Iterable[tuple[Mapping[str, Any], Mapping[str, float]]] = (),
 ) -> str:
     """Record one run and return its id.
 
@@ -62,6 +112,8 @@ def log_run(
         params: the resolved config as a nested mapping (flattened here).
         metrics: scalar metrics; non-finite values are left out (MLflow rejects NaN).
         artifacts: files copied into the run.
+        children: (search params, metrics) per search setting, each logged as a nested run
+            that carries the parent's params plus ``search.<name>``.
     """
     import mlflow
 
@@ -79,9 +131,15 @@ def log_run(
     name = tracking_cfg.run_name or default_run_name(params)
     with mlflow.start_run(experiment_id=experiment_id, run_name=name) as run:
         mlflow.log_params(flatten(params))
-        finite = {k: float(v) for k, v in metrics.items() if math.isfinite(float(v))}
-        mlflow.log_metrics(finite)
+        mlflow.log_metrics(_finite(metrics))
         for path in artifacts:
             mlflow.log_artifact(str(path))
+        for search_params, child_metrics in children:
+            label = ",".join(f"{k}={v}" for k, v in search_params.items())
+            with mlflow.start_run(experiment_id=experiment_id, run_name=f"{name} {label}",
+                                  nested=True):  # fmt: skip
+                mlflow.log_params(flatten(params))
+                mlflow.log_params({f"search.{k}": v for k, v in search_params.items()})
+                mlflow.log_metrics(_finite(child_metrics))
     log.info("MLflow run %s in experiment %s (%s)", run.info.run_id, tracking_cfg.experiment, uri)
     return run.info.run_id
