@@ -115,7 +115,9 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
             OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
             _numeric(results),
             artifacts + [build["path"]],
-            children=[(p.params, p.metrics) for p in points] if len(points) > 1 else [],
+            children=[(p.params, {**_numeric(results), **p.metrics}) for p in points]
+            if len(points) > 1
+            else [],
         )
     return results
 

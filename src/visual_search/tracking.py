@@ -13,6 +13,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from hydra.experimental.callback import Callback
+
 log = logging.getLogger(__name__)
 
 MAX_PARAM_CHARS = 6000  # MLflow's limit on one param value
@@ -129,17 +131,63 @@ def log_run(
         experiment_id = experiment.experiment_id
 
     name = tracking_cfg.run_name or default_run_name(params)
-    with mlflow.start_run(experiment_id=experiment_id, run_name=name) as run:
+    parent = os.environ.get(SWEEP_RUN_VARIABLE)
+    tags = {"mlflow.parentRunId": parent, "sweep_run_id": parent} if parent else None
+    with mlflow.start_run(experiment_id=experiment_id, run_name=name, tags=tags) as run:
         mlflow.log_params(flatten(params))
         mlflow.log_metrics(_finite(metrics))
         for path in artifacts:
             mlflow.log_artifact(str(path))
         for search_params, child_metrics in children:
             label = ",".join(f"{k}={v}" for k, v in search_params.items())
-            with mlflow.start_run(experiment_id=experiment_id, run_name=f"{name} {label}",
-                                  nested=True):  # fmt: skip
+            child_tags = {"sweep_run_id": parent} if parent else None
+            with mlflow.start_run(
+                experiment_id=experiment_id, run_name=f"{name} {label}", nested=True,
+                tags=child_tags,
+            ):  # fmt: skip
                 mlflow.log_params(flatten(params))
                 mlflow.log_params({f"search.{k}": v for k, v in search_params.items()})
                 mlflow.log_metrics(_finite(child_metrics))
     log.info("MLflow run %s in experiment %s (%s)", run.info.run_id, tracking_cfg.experiment, uri)
     return run.info.run_id
+
+
+SWEEP_RUN_VARIABLE = "VISUAL_SEARCH_SWEEP_RUN_ID"
+
+
+class SweepCallback(Callback):
+    """Hydra callback: one MLflow parent run per multirun, which every job's run points to.
+
+    Jobs log into their dataset's experiment; each carries the tags ``mlflow.parentRunId`` and
+    ``sweep_run_id``. The id travels in an environment variable, which launcher processes
+    started after the sweep begins inherit.
+    """
+
+    def on_multirun_start(self, config, **kwargs) -> None:
+        import mlflow
+
+        mlflow.set_tracking_uri(local_uri(config.tracking.uri))
+        experiment = "visual-search-sweeps"
+        if mlflow.get_experiment_by_name(experiment) is None:
+            location = None
+            if config.tracking.artifact_root and config.tracking.uri.startswith("sqlite:"):
+                location = Path(config.tracking.artifact_root).resolve().as_uri()
+            mlflow.create_experiment(experiment, location)
+        name = Path(config.hydra.sweep.dir).name
+        run = mlflow.MlflowClient().create_run(
+            mlflow.get_experiment_by_name(experiment).experiment_id,
+            run_name=f"sweep {name}",
+            tags={
+                "sweep_dir": str(config.hydra.sweep.dir),
+                "overrides": " ".join(config.hydra.overrides.task),
+            },  # fmt: skip
+        )
+        os.environ[SWEEP_RUN_VARIABLE] = run.info.run_id
+        log.info("MLflow sweep run %s in experiment %s", run.info.run_id, experiment)
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        import mlflow
+
+        run_id = os.environ.pop(SWEEP_RUN_VARIABLE, None)
+        if run_id:
+            mlflow.MlflowClient().set_terminated(run_id)
