@@ -10,6 +10,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from visual_search.config import register_configs
@@ -36,6 +37,8 @@ def main(cfg: DictConfig) -> float:
     except USER_ERRORS as err:
         log.error("%s", err)
         print(f"error: {err}", file=sys.stderr)
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            return float("nan")  # one job that does not fit its data must not end the sweep
         sys.exit(2)
     print(format_results(cfg, results, out_dir))
     # What a Hydra optimising sweeper would maximise: mAP (the best setting's, for a grid).
