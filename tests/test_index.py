@@ -301,7 +301,7 @@ def test_each_index_type_finds_the_exact_neighbours(factory, tmp_path):
 
     xb, xq = _clustered(1200, 32, 8, seed=1), _clustered(50, 32, 8, seed=2)
     exact_scores, exact_ids = search(build(xb), xq, 10)
-    built, _, _ = build_cached(xb, factory, tmp_path)
+    built, _, _, _ = build_cached(xb, factory, tmp_path)
     set_search_params(built, INDEX_TYPES[factory])  # every list probed / a deep graph search
     _, ids = search(built, xq, 10)
     scores = np.einsum("qd,qkd->qk", xq, xb[ids])
@@ -315,18 +315,19 @@ def test_a_cached_index_is_loaded_not_rebuilt(tmp_path):
     from visual_search.index import build_cached
 
     xb = _clustered(500, 16, 4, seed=3)
-    first, path, cached = build_cached(xb, "IVF4,Flat", tmp_path)
-    again, path_again, cached_again = build_cached(xb, "IVF4,Flat", tmp_path)
+    first, path, seconds, cached = build_cached(xb, "IVF4,Flat", tmp_path)
+    again, path_again, seconds_again, cached_again = build_cached(xb, "IVF4,Flat", tmp_path)
+    assert seconds_again == seconds > 0  # the build's own time, not the load's
     assert (cached, cached_again, path) == (False, True, path_again)
     assert again.ntotal == first.ntotal == 500
-    _, other_path, _ = build_cached(xb, "IVF8,Flat", tmp_path)
+    _, other_path, _, _ = build_cached(xb, "IVF8,Flat", tmp_path)
     assert other_path != path
 
 
 def test_hnsw_build_depth_is_applied(tmp_path):
     from visual_search.index import _find_hnsw, build_cached
 
-    built, _, _ = build_cached(_clustered(100, 8, 2, seed=4), "HNSW8", tmp_path,
+    built, _, _, _ = build_cached(_clustered(100, 8, 2, seed=4), "HNSW8", tmp_path,
                                {"efConstruction": 77})  # fmt: skip
     assert _find_hnsw(built).efConstruction == 77
     with pytest.raises(ValueError, match="efConstruction"):

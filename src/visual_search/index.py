@@ -7,8 +7,10 @@ Building and searching are separate calls: a sweep builds once and searches with
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import re
+import time
 from pathlib import Path
 
 import faiss
@@ -207,18 +209,22 @@ def build_cached(
     factory: str,
     cache_dir: Path,
     build_params: dict[str, int] | None = None,
-) -> tuple[faiss.Index, Path, bool]:
+) -> tuple[faiss.Index, Path, float, bool]:
     """Build an index, or load the one built before from the same vectors and settings.
 
     Returns:
-        the index, its file in the cache, and whether it came from the cache.
+        the index, its file in the cache, the seconds its build took (measured when it was
+        built, also when it now comes from the cache: a sidecar JSON file keeps them), and
+        whether it came from the cache.
     """
     xb = normalise(database)
     build_params = {k: v for k, v in (build_params or {}).items() if v is not None}
     digest = hashlib.sha256(xb.tobytes()).hexdigest()
     path = cache_dir / "indexes" / f"{cache.key([digest, factory, build_params])}.faiss"
-    if path.is_file():
-        return faiss.read_index(str(path)), path, True
+    sidecar = path.with_suffix(".json")
+    if path.is_file() and sidecar.is_file():
+        return faiss.read_index(str(path)), path, json.loads(sidecar.read_text())["build_s"], True
+    start = time.perf_counter()
     validate(factory, xb.shape[1], len(xb))
     try:
         index = faiss.index_factory(xb.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
@@ -228,6 +234,9 @@ def build_cached(
     if not index.is_trained:
         index.train(xb)
     index.add(xb)
+    seconds = time.perf_counter() - start
     cache.write_atomic(path, faiss.serialize_index(index).tobytes())
-    log.info("built %s index: %d vectors of dimension %d", factory, index.ntotal, index.d)
-    return index, path, False
+    cache.write_json(sidecar, {"build_s": seconds, "factory": factory, "params": build_params})
+    log.info("built %s index in %.2f s: %d vectors of dimension %d", factory, seconds,
+             index.ntotal, index.d)  # fmt: skip
+    return index, path, seconds, False
