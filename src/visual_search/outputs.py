@@ -23,7 +23,12 @@ from visual_search import cache, data, metrics, visualise
 
 
 def write(cfg, embedded, crops, evaluation, results: dict, out_dir: Path) -> list[Path]:
-    """Write the run directory and return the files to track."""
+    """Write the run directory and return the files to track.
+
+    NOTE: with an index search grid, `evaluation` is the first setting's: per-query results and
+    the grid figure are written for it alone, while every setting's metrics are in
+    `metrics.json` and MLflow. Writing each setting's per-query file is left to do.
+    """
     ds = embedded.dataset
     paths = {
         "config": out_dir / "config.yaml",

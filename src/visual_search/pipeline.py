@@ -82,20 +82,11 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     images = hash_images(data.load_dataset(cfg.dataset))
     embedder = embed.build_embedder(cfg.embedder, cfg.paths.models, cfg.paths.cache)
-    try:
-        index.validate(cfg.index.factory, embedder.dim, len(images.dataset.database))
-    except ValueError as err:
-        raise ConfigError(str(err)) from err
+    validate_index(cfg, embedder.dim, len(images.dataset.database))
     detector = build_detector(cfg)
     crops = plan_crops(cfg, images, detector)
     embedded = embed_crops(cfg, images, crops, embedder)
-    if not len(embedded.dataset.query) or not len(embedded.dataset.database):
-        outputs.write_skipped(out_dir, embedded.skipped)
-        side = "query" if not len(embedded.dataset.query) else "database"
-        raise NothingToSearch(
-            f"every {side} image was skipped ({len(embedded.skipped)} files, reasons in "
-            f"{out_dir / 'skipped.csv'}): nothing is left to search"
-        )
+    ensure_something_to_search(embedded, out_dir)
     built, build = build_index(cfg, embedded.database)
     points = search_each_setting(cfg, built, embedded)
     results = summarise(cfg, images, crops, embedded, build)
@@ -178,6 +169,26 @@ def _check_writable(folder: Path, setting: str) -> None:
         probe.unlink()
     except OSError as err:
         raise ConfigError(f"{setting}={folder} is not a writable folder: {err.strerror}") from err
+
+
+def validate_index(cfg: DictConfig, dim: int, n_database: int) -> None:
+    """The index settings against the data's size, before any embedding is computed."""
+    try:
+        index.validate(cfg.index.factory, dim, n_database)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+
+
+def ensure_something_to_search(embedded: Embedded, out_dir: Path) -> None:
+    """Stop with the skip reasons written when a side lost every image."""
+    if len(embedded.dataset.query) and len(embedded.dataset.database):
+        return
+    outputs.write_skipped(out_dir, embedded.skipped)
+    side = "query" if not len(embedded.dataset.query) else "database"
+    raise NothingToSearch(
+        f"every {side} image was skipped ({len(embedded.skipped)} files, reasons in "
+        f"{out_dir / 'skipped.csv'}): nothing is left to search"
+    )
 
 
 def decode_settings(cfg: DictConfig) -> DecodeSettings:
