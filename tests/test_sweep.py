@@ -105,7 +105,6 @@ def test_a_multirun_has_one_parent_run_and_every_job_points_to_it(tmp_path):
     }
     proc = subprocess.run(
         [sys.executable, str(REPO / "experiments" / "run.py"), "-m",
-         "+hydra.callbacks.s._target_=visual_search.tracking.SweepCallback",
          f"hydra.sweep.dir={tmp_path / 'sweep'}", "dataset.limit_per_class=1",
          "index=flat,sq8", f"tracking.artifact_root={tmp_path / 'art'}"],
         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600,
@@ -117,3 +116,31 @@ def test_a_multirun_has_one_parent_run_and_every_job_points_to_it(tmp_path):
     assert len(jobs) == 2
     assert (jobs["tags.mlflow.parentRunId"] == parent).all()
     assert sorted(jobs["params.index.name"]) == ["flat", "sq8"]
+
+
+@pytest.mark.slow
+def test_parallel_jobs_share_a_new_sqlite_store_without_errors(tmp_path):
+    """Two joblib workers writing to one new SQLite store: every job must be recorded."""
+    needs(DATA / "corel1k")
+    env = {
+        **os.environ,
+        "VISUAL_SEARCH_DATA": str(DATA),
+        "VISUAL_SEARCH_MODELS": str(MODELS),
+        "VISUAL_SEARCH_CACHE": str(tmp_path / "cache"),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'new' / 'mlflow.db'}",
+    }
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "experiments" / "run.py"), "-m", "hydra/launcher=joblib",
+         "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+         "dataset.limit_per_class=1", "index=flat,sq8,hnsw,ivf_flat", "index.nlist=2",
+         f"tracking.artifact_root={tmp_path / 'art'}"],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    jobs = mlflow.search_runs(
+        experiment_names=["visual-search-corel1k"], filter_string="tags.sweep_run_id != ''"
+    )
+    top = jobs[~jobs["tags.mlflow.runName"].str.contains("=")]  # job runs, not grid settings
+    assert sorted(top["params.index.name"]) == ["flat", "hnsw", "ivf_flat", "sq8"]

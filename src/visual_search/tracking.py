@@ -51,6 +51,26 @@ def _finite(metrics: Mapping[str, Any]) -> dict[str, float]:
     }
 
 
+def experiment_id_for(name: str, tracking_cfg) -> str:
+    """The experiment's id, creating it if needed; safe when parallel jobs race to create it."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = None
+    if tracking_cfg.artifact_root and mlflow.get_tracking_uri().startswith("sqlite:"):
+        location = Path(tracking_cfg.artifact_root).resolve().as_uri()
+    try:
+        return mlflow.create_experiment(name, location)
+    except MlflowException:
+        experiment = mlflow.get_experiment_by_name(name)  # another job created it meanwhile
+        if experiment is None:
+            raise
+        return experiment.experiment_id
+
+
 def default_run_name(params: Mapping[str, Any]) -> str:
     """e.g. ``corel1k-largest-query-mobilenet_v2-Flat``: what tells runs of one dataset apart."""
     roi = params.get("roi", {})
@@ -83,6 +103,7 @@ def check(tracking_cfg) -> None:
             raise TrackingError(f"tracking.uri={uri}: cannot create {path.parent}: {err}") from err
         if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
             raise TrackingError(f"tracking.uri={uri}: {path} is not writable; point it elsewhere")
+        _create_store_once(local_uri(uri), path)
     elif uri.startswith(("http://", "https://")):
         import urllib.request
 
@@ -98,6 +119,24 @@ def check(tracking_cfg) -> None:
         raise TrackingError(
             f"tracking.uri={uri}: unknown scheme; use sqlite:///path.db or http(s)://server"
         )
+
+
+def _create_store_once(uri: str, path: Path) -> None:
+    """Create or migrate a SQLite store under a file lock.
+
+    MLflow creates its tables on first use; two jobs of a parallel sweep doing that at once on a
+    new file fail with duplicate-column or migration errors (seen with the joblib launcher).
+    """
+    import fcntl
+
+    import mlflow
+
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            mlflow.MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def log_run(
@@ -121,14 +160,7 @@ def log_run(
 
     uri = local_uri(tracking_cfg.uri)
     mlflow.set_tracking_uri(uri)
-    experiment = mlflow.get_experiment_by_name(tracking_cfg.experiment)
-    if experiment is None:
-        location = None
-        if tracking_cfg.artifact_root and uri.startswith("sqlite:"):
-            location = Path(tracking_cfg.artifact_root).resolve().as_uri()
-        experiment_id = mlflow.create_experiment(tracking_cfg.experiment, location)
-    else:
-        experiment_id = experiment.experiment_id
+    experiment_id = experiment_id_for(tracking_cfg.experiment, tracking_cfg)
 
     name = tracking_cfg.run_name or default_run_name(params)
     parent = os.environ.get(SWEEP_RUN_VARIABLE)
@@ -166,16 +198,15 @@ class SweepCallback(Callback):
     def on_multirun_start(self, config, **kwargs) -> None:
         import mlflow
 
+        if not config.tracking.enabled:
+            return
+        check(config.tracking)  # also creates a new SQLite store before jobs race to
         mlflow.set_tracking_uri(local_uri(config.tracking.uri))
         experiment = "visual-search-sweeps"
-        if mlflow.get_experiment_by_name(experiment) is None:
-            location = None
-            if config.tracking.artifact_root and config.tracking.uri.startswith("sqlite:"):
-                location = Path(config.tracking.artifact_root).resolve().as_uri()
-            mlflow.create_experiment(experiment, location)
+        experiment_id = experiment_id_for(experiment, config.tracking)
         name = Path(config.hydra.sweep.dir).name
         run = mlflow.MlflowClient().create_run(
-            mlflow.get_experiment_by_name(experiment).experiment_id,
+            experiment_id,
             run_name=f"sweep {name}",
             tags={
                 "sweep_dir": str(config.hydra.sweep.dir),
