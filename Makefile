@@ -30,6 +30,7 @@ test-fast: setup
 
 benchmark: setup
 	$(PY) experiments/benchmark_embed.py $(ARGS)
+	$(PY) experiments/benchmark_index.py
 
 lint: setup
 	$(PY) -m ruff check src experiments tests
