@@ -144,3 +144,91 @@ def test_parallel_jobs_share_a_new_sqlite_store_without_errors(tmp_path):
     )
     top = jobs[~jobs["tags.mlflow.runName"].str.contains("=")]  # job runs, not grid settings
     assert sorted(top["params.index.name"]) == ["flat", "hnsw", "ivf_flat", "sq8"]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real MLflow tracking server with a SQLite database backend, on a free local port."""
+    import signal
+    import socket
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        [str(REPO / ".venv" / "bin" / "mlflow") if (REPO / ".venv").exists() else "mlflow",
+         "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--default-artifact-root", (tmp_path / "server-art").as_uri(),
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2):
+                    break
+            except OSError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    pytest.fail("the MLflow server did not start within 120 s")
+                time.sleep(1)
+        yield uri
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_runs_are_recorded_on_a_tracking_server(compose_config, tmp_path, mlflow_server):
+    needs(DATA / "corel1k")
+    cfg = compose_config("dataset.limit_per_class=2", "index=ivf_flat", "index.nlist=2",
+                         "index.search_grid={nprobe:[1,2]}",
+                         f"tracking.uri={mlflow_server}")  # fmt: skip
+    results = pipeline.run(cfg, tmp_path / "out")
+    client = mlflow.MlflowClient(tracking_uri=mlflow_server)
+    run = client.get_run(results["mlflow_run_id"])
+    assert run.data.params["index.factory"] == "IVF2,Flat"
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {
+        "metrics.json",
+        "config.yaml",
+    }
+    children = client.search_runs(
+        [run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'"
+    )
+    assert sorted(c.data.params["search.nprobe"] for c in children) == ["1", "2"]
+
+
+def test_the_slurm_launcher_config_composes(monkeypatch):
+    monkeypatch.setenv("VISUAL_SEARCH_DATA", str(DATA))
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        cfg = compose("config", overrides=["hydra/launcher=slurm", "hydra.launcher.partition=cpu"],
+                      return_hydra_config=True)  # fmt: skip
+    assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")
+    assert cfg.hydra.launcher.partition == "cpu" and cfg.hydra.launcher.cpus_per_task == 8
+
+
+@pytest.mark.slow
+def test_a_sweep_runs_through_submitit_local_processes(tmp_path):
+    needs(DATA / "corel1k")
+    env = {
+        **os.environ,
+        "VISUAL_SEARCH_DATA": str(DATA),
+        "VISUAL_SEARCH_MODELS": str(MODELS),
+        "VISUAL_SEARCH_CACHE": str(tmp_path / "cache"),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+    }
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "experiments" / "run.py"), "-m",
+         "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10",
+         f"hydra.sweep.dir={tmp_path / 'sweep'}", "dataset.limit_per_class=1",
+         "index=flat,sq8", f"tracking.artifact_root={tmp_path / 'art'}"],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    jobs = mlflow.search_runs(experiment_names=["visual-search-corel1k"])
+    assert sorted(jobs["params.index.name"]) == ["flat", "sq8"]
+    assert jobs["tags.mlflow.parentRunId"].nunique() == 1
