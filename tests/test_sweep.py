@@ -17,6 +17,26 @@ from visual_search.report import markdown_table, pareto_front
 from .conftest import DATA, MODELS, REPO, needs
 
 
+def _multirun(tmp_path, tracking_uri: str, *overrides: str) -> subprocess.CompletedProcess:
+    """`experiments/run.py -m` on the real data, with caches, store and outputs in tmp_path."""
+    env = {
+        **os.environ,
+        "VISUAL_SEARCH_DATA": str(DATA),
+        "VISUAL_SEARCH_MODELS": str(MODELS),
+        "VISUAL_SEARCH_CACHE": str(tmp_path / "cache"),
+        "MLFLOW_TRACKING_URI": tracking_uri,
+    }
+    command = [
+        sys.executable, str(REPO / "experiments" / "run.py"), "-m", *overrides,
+        f"hydra.sweep.dir={tmp_path / 'sweep'}", f"tracking.artifact_root={tmp_path / 'art'}",
+    ]  # fmt: skip
+    proc = subprocess.run(
+        command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
 def test_pareto_front_on_fixed_points():
     # columns: quality (higher better), latency, bytes (lower better)
     points = np.array(
@@ -96,21 +116,9 @@ def test_a_search_grid_is_one_build_and_a_nested_run_per_setting(compose_config,
 @pytest.mark.slow
 def test_a_multirun_has_one_parent_run_and_every_job_points_to_it(tmp_path):
     needs(DATA / "corel1k")
-    env = {
-        **os.environ,
-        "VISUAL_SEARCH_DATA": str(DATA),
-        "VISUAL_SEARCH_MODELS": str(MODELS),
-        "VISUAL_SEARCH_CACHE": str(tmp_path / "cache"),
-        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
-    }
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "experiments" / "run.py"), "-m",
-         f"hydra.sweep.dir={tmp_path / 'sweep'}", "dataset.limit_per_class=1",
-         "index=flat,sq8", f"tracking.artifact_root={tmp_path / 'art'}"],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    _multirun(tmp_path, uri, "dataset.limit_per_class=1", "index=flat,sq8")
+    mlflow.set_tracking_uri(uri)
     (parent,) = mlflow.search_runs(experiment_names=["visual-search-sweeps"]).run_id
     jobs = mlflow.search_runs(experiment_names=["visual-search-corel1k"])
     assert len(jobs) == 2
@@ -122,23 +130,12 @@ def test_a_multirun_has_one_parent_run_and_every_job_points_to_it(tmp_path):
 def test_parallel_jobs_share_a_new_sqlite_store_without_errors(tmp_path):
     """Two joblib workers writing to one new SQLite store: every job must be recorded."""
     needs(DATA / "corel1k")
-    env = {
-        **os.environ,
-        "VISUAL_SEARCH_DATA": str(DATA),
-        "VISUAL_SEARCH_MODELS": str(MODELS),
-        "VISUAL_SEARCH_CACHE": str(tmp_path / "cache"),
-        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'new' / 'mlflow.db'}",
-    }
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "experiments" / "run.py"), "-m", "hydra/launcher=joblib",
-         "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={tmp_path / 'sweep'}",
-         "dataset.limit_per_class=1", "index=flat,sq8,hnsw,ivf_flat", "index.nlist=2",
-         f"tracking.artifact_root={tmp_path / 'art'}"],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    uri = f"sqlite:///{tmp_path / 'new' / 'mlflow.db'}"
+    proc = _multirun(tmp_path, uri, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+                     "dataset.limit_per_class=1", "index=flat,sq8,hnsw,ivf_flat",
+                     "index.nlist=2")  # fmt: skip
     assert "Traceback" not in proc.stderr
-    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    mlflow.set_tracking_uri(uri)
     jobs = mlflow.search_runs(
         experiment_names=["visual-search-corel1k"], filter_string="tags.sweep_run_id != ''"
     )
@@ -213,22 +210,10 @@ def test_the_slurm_launcher_config_composes(monkeypatch):
 @pytest.mark.slow
 def test_a_sweep_runs_through_submitit_local_processes(tmp_path):
     needs(DATA / "corel1k")
-    env = {
-        **os.environ,
-        "VISUAL_SEARCH_DATA": str(DATA),
-        "VISUAL_SEARCH_MODELS": str(MODELS),
-        "VISUAL_SEARCH_CACHE": str(tmp_path / "cache"),
-        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
-    }
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "experiments" / "run.py"), "-m",
-         "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10",
-         f"hydra.sweep.dir={tmp_path / 'sweep'}", "dataset.limit_per_class=1",
-         "index=flat,sq8", f"tracking.artifact_root={tmp_path / 'art'}"],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    _multirun(tmp_path, uri, "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10",
+              "dataset.limit_per_class=1", "index=flat,sq8")  # fmt: skip
+    mlflow.set_tracking_uri(uri)
     jobs = mlflow.search_runs(experiment_names=["visual-search-corel1k"])
     assert sorted(jobs["params.index.name"]) == ["flat", "sq8"]
     assert jobs["tags.mlflow.parentRunId"].nunique() == 1
