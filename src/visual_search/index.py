@@ -41,12 +41,15 @@ def normalise(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x / np.maximum(norms, np.finfo(np.float32).tiny))
 
 
-def build(database: np.ndarray, factory: str = "Flat") -> faiss.Index:
+def build(
+    database: np.ndarray, factory: str = "Flat", build_params: dict[str, int] | None = None
+) -> faiss.Index:
     """Build an inner-product index on the database from a FAISS factory string.
 
     Args:
         database: (n, d) embeddings; normalised here, whatever their dtype or layout.
         factory: a FAISS index factory string, e.g. ``Flat``.
+        build_params: settings the string cannot carry, e.g. ``{"efConstruction": 80}``.
     """
     xb = normalise(database)
     validate(factory, xb.shape[1], len(xb))
@@ -54,6 +57,7 @@ def build(database: np.ndarray, factory: str = "Flat") -> faiss.Index:
         index = faiss.index_factory(xb.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as err:
         raise ValueError(f"index.factory={factory!r} is not a valid FAISS factory string") from err
+    set_build_params(index, build_params or {})
     if not index.is_trained:
         index.train(xb)
     index.add(xb)
@@ -225,18 +229,8 @@ def build_cached(
     if path.is_file() and sidecar.is_file():
         return faiss.read_index(str(path)), path, json.loads(sidecar.read_text())["build_s"], True
     start = time.perf_counter()
-    validate(factory, xb.shape[1], len(xb))
-    try:
-        index = faiss.index_factory(xb.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
-    except RuntimeError as err:
-        raise ValueError(f"index.factory={factory!r} is not a valid FAISS factory string") from err
-    set_build_params(index, build_params)
-    if not index.is_trained:
-        index.train(xb)
-    index.add(xb)
+    index = build(xb, factory, build_params)
     seconds = time.perf_counter() - start
     cache.write_atomic(path, faiss.serialize_index(index).tobytes())
     cache.write_json(sidecar, {"build_s": seconds, "factory": factory, "params": build_params})
-    log.info("built %s index in %.2f s: %d vectors of dimension %d", factory, seconds,
-             index.ntotal, index.d)  # fmt: skip
     return index, path, seconds, False

@@ -104,9 +104,9 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         results["mlflow_run_id"] = tracking.log_run(
             cfg.tracking,
             OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
-            _numeric(results),
+            results,
             artifacts + [build["path"]],
-            children=[(p.params, {**_numeric(results), **p.metrics}) for p in points]
+            children=[(p.params, {**results, **p.metrics}) for p in points]
             if len(points) > 1
             else [],
         )
@@ -440,9 +440,3 @@ def compare_with_whole_images(cfg, images: Images, embedded: Embedded, point: Po
             name, diff.delta, diff.low, diff.high, diff.n_queries, diff.n_resamples,
         )  # fmt: skip
     return out
-
-
-def _numeric(results: dict) -> dict[str, float]:
-    return {
-        k: v for k, v in results.items() if isinstance(v, int | float) and not isinstance(v, bool)
-    }

@@ -151,7 +151,8 @@ def log_run(
     Args:
         tracking_cfg: the `tracking` config group.
         params: the resolved config as a nested mapping (flattened here).
-        metrics: scalar metrics; non-finite values are left out (MLflow rejects NaN).
+        metrics: results; only finite numbers are logged (MLflow rejects NaN, and lists or
+            strings are not metrics).
         artifacts: files copied into the run.
         children: (search params, metrics) per search setting, each logged as a nested run
             that carries the parent's params plus ``search.<name>``.
