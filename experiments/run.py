@@ -57,10 +57,8 @@ def format_results(cfg: DictConfig, results: dict, out_dir: Path) -> str:
         if cfg.roi.policy.name != "none"
         else "no roi"
     )
-    lines = [
-        f"\n{cfg.dataset.name} | {roi} | {cfg.embedder.backend}/{cfg.embedder.arch} | "
-        f"{cfg.index.factory}"
-    ]
+    model = f"{cfg.embedder.library}/{cfg.embedder.arch} ({results.get('embed_backend', '?')})"
+    lines = [f"\n{cfg.dataset.name} | {roi} | {model} | {cfg.index.factory}"]
     lines += [f"  {name:<22} {_fmt(results[name])}" for name in shown if name in results]
     for name in ("map", "recall_at_1"):
         if f"{name}_delta" in results:

@@ -154,13 +154,13 @@ def test_the_folder_config_leaves_the_root_to_the_user(config_for):
 
 
 @pytest.mark.parametrize(
-    ("group", "backend", "arch"),
+    ("group", "library", "arch"),
     [("torchvision", "torchvision", "mobilenet_v2"), ("timm", "timm", "mobilenetv2_100")],
 )
-def test_each_embedder_config_composes(config_for, group, backend, arch):
+def test_each_embedder_config_composes(config_for, group, library, arch):
     cfg = config_for(f"embedder={group}")
 
-    assert (cfg.embedder.backend, cfg.embedder.arch) == (backend, arch)
+    assert (cfg.embedder.library, cfg.embedder.arch) == (library, arch)
     assert cfg.embedder.batch_size == 8
 
 

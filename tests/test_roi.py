@@ -94,6 +94,7 @@ class StubDetector:
 
     def __init__(self, empty: set[int] = frozenset()):
         self.description = {"detector": "stub", "version": 1}
+        self.backend = "stub"
         self.calls = 0
         self.empty = empty
 

@@ -74,7 +74,10 @@ class DecodeConfig:
 
 @dataclass
 class EmbedderConfig:
-    backend: str = "torchvision"  # torchvision | timm
+    library: str = "torchvision"  # where the architecture and weights come from: torchvision | timm
+    # What runs the network: torch, onnxruntime (an ONNX export of the same torch model, cached
+    # in paths.cache), or auto (onnxruntime when installed, else torch).
+    backend: str = "auto"
     arch: str = "mobilenet_v2"
     # A weights name (torchvision: IMAGENET1K_V1; timm: mobilenetv2_100.ra_in1k) or a path to a
     # state_dict file.
@@ -87,9 +90,14 @@ class EmbedderConfig:
     # Small batches keep MobileNetV2's activations in cache: on a 2-core Xeon, batch 8 ran
     # 1.3x faster than batch 32 (experiments/benchmark_embed.py). Raise it on bigger machines.
     batch_size: int = 8
-    num_workers: int | None = None  # decoding processes; None = sized to the machine
-    threads: int | None = None  # torch intra-op threads; None = all cores
-    channels_last: bool = True
+    # `workers` threads each decode a batch and run the model on it with `threads` intra-op
+    # threads, so decoding on one core overlaps the model on another. None sizes them to the
+    # machine: min(cores, 4) workers, cores // workers threads each (on 2 cores, 2 x 1 ran
+    # 1.3x faster end to end than 1 x 2; experiments/benchmark_embed.py).
+    workers: int | None = None
+    threads: int | None = None
+    channels_last: bool = True  # torch backend: NHWC convolutions (several times faster on CPU)
+    onnx_opset: int = 18
 
 
 class RoiPolicy(Enum):
@@ -111,6 +119,10 @@ class RoiConfig:
     policy: RoiPolicy = RoiPolicy.none  # none: no detection, every image whole
     side: RoiSide = RoiSide.both  # which images are cropped
     detector: str = "yolov8n.pt"  # file name looked up in paths.models, or a path
+    # What runs a .pt detector: torch, onnxruntime (ultralytics' ONNX export, cached in
+    # paths.cache), or auto (onnxruntime when installed). A .onnx or .tflite detector file runs
+    # on its own runtime whatever this says.
+    backend: str = "auto"
     conf: float = 0.25
     iou: float = 0.7
     classes: list[str] | None = None  # COCO names or ids; None keeps every class

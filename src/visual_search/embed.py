@@ -1,10 +1,12 @@
 """Embedders: a CNN backbone up to its global-average pool, with the preprocessing of its weights.
 
-Two backends load MobileNetV2: torchvision (`embedder=torchvision`) and timm (`embedder=timm`).
-`embedder.weights` is either a published weights name or a path to a state_dict file. A name
-is loaded from the file `embedder.local_files` maps it to in `paths.models` when that file
-exists, and is otherwise downloaded from the library's published URL. Preprocessing always comes
-from the published weights' metadata and is the same object for queries and database.
+Two libraries provide MobileNetV2: torchvision (`embedder=torchvision`) and timm
+(`embedder=timm`). Either runs in PyTorch or, by default when it is installed, in ONNX Runtime
+from an export of the same torch model (`embedder.backend`); the torch model is always loaded,
+for Grad-CAM. `embedder.weights` is either a published weights name or a path to a state_dict
+file. A name is loaded from the file `embedder.local_files` maps it to in `paths.models` when
+that file exists, and is otherwise downloaded from the library's published URL. Preprocessing
+always comes from the published weights' metadata and is the same for queries and database.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ import os
 import pickle
 import socket
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,9 +29,9 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import nn
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from visual_search import runtime
 from visual_search.images import DecodeError, DecodeSettings, load_rgb
 
 log = logging.getLogger(__name__)
@@ -44,67 +48,181 @@ class WeightsError(ValueError):
 
 @dataclass
 class Embedder:
-    """A model that maps a batch of preprocessed images to (n, d) pooled embeddings.
+    """A model that maps a batch of preprocessed images to (n, d) L2-normalised embeddings.
 
     Attributes:
-        model: eval-mode module; ``model(x)`` gives (n, d) for x of shape (n, 3, H, W).
+        model: the eval-mode torch backbone; ``model(x)`` gives (n, d) pooled features for x of
+            shape (n, 3, H, W). Grad-CAM uses it whatever the backend.
         transform: PIL RGB image -> (3, H, W) float tensor, from the weights' metadata.
-        description: everything that changes an embedding (backend, arch, weights sha256,
-            preprocessing); part of every cache key.
-        channels_last: run convolutions in NHWC layout (several times faster on CPU).
+        description: everything that changes an embedding (library, arch, weights sha256,
+            preprocessing, runtime and its version); part of every cache key.
+        channels_last: torch backend: run convolutions in NHWC layout (several times faster).
+        session: an ONNX Runtime session computing the same function, or None for torch.
+        workers: batches `embed_files` decodes and embeds at once, each in its own thread.
+        threads: intra-op threads of one model call (the session's, or torch's during
+            `embed_files`).
     """
 
     model: nn.Module
     transform: Callable[[Image.Image], torch.Tensor]
     description: dict[str, Any]
     channels_last: bool = True
+    session: Any = None
+    workers: int = 1
+    threads: int = 1
+    # With a session whose graph scales and normalises pixels itself: the transform's resize
+    # and crop alone, giving the uint8 (H, W, 3) array the graph takes.
+    geometry: Callable[[Image.Image], Image.Image] | None = None
     dim: int = field(init=False)
 
     def __post_init__(self):
-        if self.channels_last:
+        if self.channels_last and self.session is None:
             self.model = self.model.to(memory_format=torch.channels_last)
-        with torch.inference_mode():
-            self.dim = int(self.forward(torch.zeros(1, 3, 224, 224)).shape[1])
+        probe = self.prepare(Image.new("RGB", (256, 256)))
+        self.dim = int(self.forward(_stack([probe])).shape[1])
 
-    def forward(self, batch: torch.Tensor) -> np.ndarray:
-        """(n, 3, H, W) preprocessed batch -> (n, d) float32 embeddings (not normalised)."""
+    def prepare(self, image: Image.Image) -> torch.Tensor | np.ndarray:
+        """One decoded RGB image -> the model input this backend takes."""
+        if self.geometry is not None:
+            return np.asarray(self.geometry(image), dtype=np.uint8)
+        return self.transform(image)
+
+    @property
+    def backend(self) -> str:
+        return "torch" if self.session is None else "onnxruntime"
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """(3, H, W) of a preprocessed image."""
+        return tuple(self.transform(Image.new("RGB", (256, 256))).shape)
+
+    def forward(self, batch: torch.Tensor | np.ndarray) -> np.ndarray:
+        """A batch of `prepare`d images -> (n, d) float32 L2-normalised embeddings."""
+        if self.session is not None:
+            return self.session.run(None, {"images": np.asarray(batch)})[0]
         if self.channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
-            return self.model(batch).float().numpy()
+            return nn.functional.normalize(self.model(batch).float(), dim=1).numpy()
+
+    def batch(self, images: Sequence[Image.Image]) -> torch.Tensor | np.ndarray:
+        """Decoded RGB images -> one model input batch."""
+        return _stack([self.prepare(im) for im in images])
 
     def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
         """Embed already-decoded RGB images (e.g. an upload), in one batch."""
-        return self.forward(torch.stack([self.transform(im) for im in images]))
+        return self.forward(self.batch(images))
+
+
+def _stack(items: Sequence[torch.Tensor | np.ndarray]) -> torch.Tensor | np.ndarray:
+    return np.stack(items) if isinstance(items[0], np.ndarray) else torch.stack(items)
+
+
+def split_transform(transform) -> tuple[Callable, list[float], list[float]] | None:
+    """(resize-and-crop, mean, std) of a classification transform whose remaining steps are
+    exactly: to a [0, 1] tensor, then normalise by mean and std; None for anything else.
+
+    An ONNX graph that takes uint8 pixels does those last steps itself, faster than torch does
+    them image by image.
+    """
+    from torchvision.transforms import CenterCrop, Compose, Normalize, Resize
+    from torchvision.transforms import functional as F
+    from torchvision.transforms._presets import ImageClassification
+
+    if type(transform) is ImageClassification:
+        t = transform
+
+        def geometry(image: Image.Image) -> Image.Image:
+            image = F.resize(image, t.resize_size, interpolation=t.interpolation,
+                             antialias=t.antialias)  # fmt: skip
+            return F.center_crop(image, t.crop_size)
+
+        return geometry, list(t.mean), list(t.std)
+    if isinstance(transform, Compose):
+        steps = transform.transforms
+        names = [type(step).__name__ for step in steps]
+        tail = len(steps) >= 2 and names[-2] in ("ToTensor", "MaybeToTensor")
+        tail = tail and isinstance(steps[-1], Normalize)
+        if tail and all(isinstance(step, (Resize, CenterCrop)) for step in steps[:-2]):
+            normalise = steps[-1]
+            return (
+                Compose(steps[:-2]),
+                torch.as_tensor(normalise.mean).tolist(),
+                torch.as_tensor(normalise.std).tolist(),
+            )
+    return None
 
 
 def build_embedder(cfg, models_dir: str | os.PathLike, cache_dir: str | os.PathLike) -> Embedder:
-    """Load the backbone an `embedder` config names, with its weights and preprocessing."""
-    if cfg.threads is not None and (isinstance(cfg.threads, bool) or cfg.threads < 1):
-        raise ValueError(
-            f"embedder.threads must be >= 1, or null for all cores, got {cfg.threads!r}; "
-            "set embedder.threads"
-        )
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    """Load the backbone an `embedder` config names, with its weights and preprocessing, on the
+    runtime `embedder.backend` resolves to."""
+    for name in ("threads", "workers"):
+        value = cfg[name]
+        if value is not None and (isinstance(value, bool) or value < (name == "threads")):
+            raise ValueError(
+                f"embedder.{name} must be >= {int(name == 'threads')}, or null to size it to "
+                f"the machine, got {value!r}; set embedder.{name}"
+            )
+    backend = runtime.resolve(cfg.backend, "embedder.backend")
+    workers, threads = parallelism(cfg.workers, cfg.threads)
     models_dir, cache_dir = Path(models_dir).expanduser(), Path(cache_dir).expanduser()
-    if cfg.backend == "torchvision":
+    if cfg.library == "torchvision":
         model, transform, weights_id = _torchvision(cfg, models_dir, cache_dir)
-    elif cfg.backend == "timm":
+    elif cfg.library == "timm":
         model, transform, weights_id = _timm(cfg, models_dir, cache_dir)
     else:
-        raise ValueError(f"embedder.backend must be torchvision or timm, got {cfg.backend!r}")
+        raise ValueError(f"embedder.library must be torchvision or timm, got {cfg.library!r}")
     model.eval()
     description = {
-        "backend": cfg.backend,
+        "backend": cfg.library,  # the key keeps its old name so existing caches stay valid
         "arch": cfg.arch,
         "weights": weights_id,
         "preprocess": repr(transform),
         "torch": torch.__version__,
+        "output": "l2-normalised",
     }
-    log.info("embedder %s/%s, weights %s", cfg.backend, cfg.arch, weights_id)
+    session = geometry = None
+    if backend == "onnxruntime":
+        split = split_transform(transform)
+        probe = Image.new("RGB", (256, 256))
+        if split is not None:
+            geometry, mean, std = split
+            w, h = geometry(probe).size
+            spec = runtime.InputSpec((h, w, 3), "uint8", mean, std)
+        else:
+            spec = runtime.InputSpec(tuple(transform(probe).shape), "float32")
+        identity = {k: description[k] for k in ("backend", "arch", "weights", "preprocess")}
+        session = _onnx_session(model, spec, identity, cache_dir, cfg, threads)
+        description["runtime"] = f"onnxruntime {runtime.version('onnxruntime')}"
+    log.info(
+        "embedder %s/%s on %s, weights %s", cfg.library, cfg.arch, backend, weights_id
+    )  # fmt: skip
     log.info("preprocessing: %s", " ".join(repr(transform).split()))
-    return Embedder(model, transform, description, cfg.channels_last)
+    return Embedder(
+        model, transform, description, cfg.channels_last, session, workers, threads, geometry
+    )  # fmt: skip
+
+
+def parallelism(workers: int | None, threads: int | None) -> tuple[int, int]:
+    """(workers, intra-op threads per worker) for `embed_files`; None sizes each to the machine:
+    min(cores, 4) workers (0 means decode and embed in turn in the caller's thread), and the
+    cores shared out among them."""
+    cores = os.cpu_count() or 1
+    workers = min(cores, 4) if workers is None else workers
+    threads = threads or max(1, cores // max(workers, 1))
+    return workers, threads
+
+
+def _onnx_session(model: nn.Module, spec, identity, cache_dir: Path, cfg, threads: int):
+    """The cached export's session; an unreadable cached file is exported again, once."""
+    path = runtime.export_embedder(model, spec, identity, cache_dir, cfg.onnx_opset)
+    try:
+        return runtime.session(path, threads)
+    except Exception as err:  # noqa: BLE001 -- onnxruntime raises its own untyped errors
+        log.warning("cached ONNX export %s is unreadable (%s); exporting again", path, err)
+        path.unlink(missing_ok=True)
+        path = runtime.export_embedder(model, spec, identity, cache_dir, cfg.onnx_opset)
+        return runtime.session(path, threads)
 
 
 def _named_file(cfg, name: str, models_dir: Path) -> Path | None:
@@ -183,20 +301,20 @@ def _load_into(cfg, model: nn.Module, state: dict[str, torch.Tensor], source: st
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
-    other = "timm" if cfg.backend == "torchvision" else "torchvision"
+    other = "timm" if cfg.library == "torchvision" else "torchvision"
     if missing or unexpected:
         raise WeightsError(
-            f"embedder.weights={cfg.weights}: {source} does not fit {cfg.backend}/{cfg.arch}: "
+            f"embedder.weights={cfg.weights}: {source} does not fit {cfg.library}/{cfg.arch}: "
             f"{len(missing)} keys missing (e.g. {', '.join(missing[:3]) or '-'}), "
             f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3]) or '-'}); the file "
-            f"may be for the other backend (embedder={other}) or another embedder.arch"
+            f"may be for the other library (embedder={other}) or another embedder.arch"
         )
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
         reason = " ".join(str(err).split())[:300]
         raise WeightsError(
-            f"embedder.weights={cfg.weights}: {source} does not fit {cfg.backend}/{cfg.arch}: "
+            f"embedder.weights={cfg.weights}: {source} does not fit {cfg.library}/{cfg.arch}: "
             f"{reason}; check embedder.arch"
         ) from err
 
@@ -316,8 +434,8 @@ def _timm(cfg, models_dir: Path, cache_dir: Path):
 class _ImageFiles(torch.utils.data.Dataset):
     """Decodes and preprocesses one file per item; a bad file yields its reason instead."""
 
-    def __init__(self, paths: Sequence[Path], transform, settings: DecodeSettings, boxes=None):
-        self.paths, self.transform, self.settings = list(paths), transform, settings
+    def __init__(self, paths: Sequence[Path], prepare, settings: DecodeSettings, boxes=None):
+        self.paths, self.prepare, self.settings = list(paths), prepare, settings
         self.boxes = list(boxes) if boxes is not None else [None] * len(self.paths)
 
     def __len__(self) -> int:
@@ -328,7 +446,7 @@ class _ImageFiles(torch.utils.data.Dataset):
             image = load_rgb(self.paths[i], self.settings)
             if self.boxes[i] is not None:
                 image = image.crop(tuple(self.boxes[i]))
-            return i, self.transform(image), None
+            return i, self.prepare(image), None
         except DecodeError as err:
             return i, None, err.reason
 
@@ -336,23 +454,8 @@ class _ImageFiles(torch.utils.data.Dataset):
 def _collate(batch):
     good = [(i, x) for i, x, _ in batch if x is not None]
     bad = [(i, reason) for i, x, reason in batch if x is None]
-    tensor = torch.stack([x for _, x in good]) if good else None
+    tensor = _stack([x for _, x in good]) if good else None
     return [i for i, _ in good], tensor, bad
-
-
-def _worker_init(_):
-    torch.set_num_threads(1)  # decoding workers must not compete with the model for cores
-
-
-def default_workers() -> int:
-    """Decoding processes for this machine.
-
-    With two cores or fewer, a worker process only takes time from the model (measured: batch 8
-    end to end at 70 images/s decoding in-process, 62 with one worker), so decoding stays in
-    the main process; larger machines keep two cores for the model's threads.
-    """
-    cores = os.cpu_count() or 1
-    return 0 if cores <= 2 else min(4, cores - 2)
 
 
 def embed_files(
@@ -360,41 +463,73 @@ def embed_files(
     paths: Sequence[Path],
     settings: DecodeSettings,
     batch_size: int = 8,
-    num_workers: int | None = None,
+    workers: int | None = None,
     boxes: Sequence[tuple[int, int, int, int] | None] | None = None,
 ) -> tuple[np.ndarray, dict[int, str]]:
-    """Decode and embed files in batches, decoding in DataLoader workers while the model runs
-    (`num_workers`; None picks `default_workers()`). `boxes` crops each decoded image
-    (x0, y0, x1, y1 in pixels of the upright image) before preprocessing; None keeps it whole.
+    """Decode and embed files in batches, several batches at once.
+
+    Each of `workers` threads (None: the embedder's own) decodes a batch and runs the model on
+    it; decoding, resizing and both runtimes' model calls release the GIL, so one worker
+    decodes while another's model runs. With 0 workers everything runs in turn in this thread.
+    `boxes` crops each decoded image (x0, y0, x1, y1 in pixels of the upright image) before
+    preprocessing; None keeps it whole.
 
     Returns:
         (n, d) float32 embeddings in input order (rows of skipped files are zero), and
         {index: reason} for every file that could not be decoded.
     """
-    num_workers = default_workers() if num_workers is None else num_workers
+    workers = embedder.workers if workers is None else workers
     out = np.zeros((len(paths), embedder.dim), dtype=np.float32)
     skipped: dict[int, str] = {}
-    loader = DataLoader(
-        _ImageFiles(paths, embedder.transform, settings, boxes),
-        batch_size=batch_size,
-        num_workers=num_workers,
-        collate_fn=_collate,
-        worker_init_fn=_worker_init if num_workers else None,
-        persistent_workers=False,
-    )
+    files = _ImageFiles(paths, embedder.prepare, settings, boxes)
+
+    def work(chunk: range):
+        indices, batch, bad = _collate([files[i] for i in chunk])
+        return indices, (embedder.forward(batch) if batch is not None else None), bad
+
+    chunks = [range(s, min(s + batch_size, len(paths))) for s in range(0, len(paths), batch_size)]
     start = time.perf_counter()
-    with tqdm(total=len(paths), unit="img", desc="embed", disable=None) as bar:
-        for indices, batch, bad in loader:
+    with _torch_threads(embedder), tqdm(total=len(paths), unit="img", desc="embed",
+                                        disable=None) as bar:  # fmt: skip
+        for indices, vectors, bad in _in_order(work, chunks, workers):
             for i, reason in bad:
                 skipped[i] = reason
                 log.warning("skipped %s: %s", paths[i], reason)
-            if batch is not None:
-                out[indices] = embedder.forward(batch)
+            if vectors is not None:
+                out[indices] = vectors
             bar.update(len(indices) + len(bad))
     elapsed = time.perf_counter() - start
     log.info(
-        "embedded %d images in %.1f s (%.1f images/s, batch %d, %d workers, %d threads)",
-        len(paths) - len(skipped), elapsed, len(paths) / max(elapsed, 1e-9), batch_size,
-        num_workers, torch.get_num_threads(),
+        "embedded %d images in %.1f s (%.1f images/s; %s, batch %d, %d workers x %d threads)",
+        len(paths) - len(skipped), elapsed, len(paths) / max(elapsed, 1e-9), embedder.backend,
+        batch_size, workers, embedder.threads,
     )  # fmt: skip
     return out, skipped
+
+
+@contextmanager
+def _torch_threads(embedder: Embedder) -> Iterator[None]:
+    """Torch's thread count is process-wide: give each worker's model call its share while
+    `embed_files` runs, and restore it after."""
+    previous = torch.get_num_threads()
+    if embedder.session is None:
+        torch.set_num_threads(embedder.threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _in_order(fn, items: Sequence, workers: int) -> Iterator:
+    """fn over items, results in order, at most 2 x workers items in flight at once."""
+    if workers <= 0:
+        yield from map(fn, items)
+        return
+    with ThreadPoolExecutor(workers, thread_name_prefix="embed") as pool:
+        pending: deque = deque()
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()

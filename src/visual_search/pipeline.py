@@ -17,7 +17,19 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from visual_search import cache, data, embed, index, metrics, outputs, roi, stats, timing, tracking
+from visual_search import (
+    cache,
+    data,
+    embed,
+    index,
+    metrics,
+    outputs,
+    roi,
+    runtime,
+    stats,
+    timing,
+    tracking,
+)
 from visual_search.config import RoiPolicy, RoiSide, TieRule, unknown_keys
 from visual_search.images import DecodeSettings
 from visual_search.search import Evaluation, Rows, evaluate
@@ -90,6 +102,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     built, build = build_index(cfg, embedded.database)
     points = search_each_setting(cfg, built, embedded)
     results = summarise(cfg, images, crops, embedded, build)
+    results.update(runtime_conditions(cfg, embedder, detector))
     if detector is not None:
         results.update(compare_with_whole_images(cfg, images, embedded, points[0], embedder))
     results["total_s"] = round(time.perf_counter() - start, 3)
@@ -139,8 +152,9 @@ def validate(cfg: DictConfig) -> None:
          f"search.max_pairs_per_chunk must be positive, got {cfg.search.max_pairs_per_chunk}"),
         (cfg.embedder.batch_size > 0,
          f"embedder.batch_size must be positive, got {cfg.embedder.batch_size}"),
-        (cfg.embedder.num_workers is None or cfg.embedder.num_workers >= 0,
-         f"embedder.num_workers must be >= 0 or null, got {cfg.embedder.num_workers}"),
+        (cfg.embedder.workers is None or cfg.embedder.workers >= 0,
+         f"embedder.workers must be >= 0 or null (sized to the machine), got "
+         f"{cfg.embedder.workers}"),
         (len(cfg.decode.background) == 3 and all(0 <= v <= 255 for v in cfg.decode.background),
          f"decode.background must be three values in 0..255, got {list(cfg.decode.background)}"),
         (cfg.decode.max_pixels > 0,
@@ -155,6 +169,12 @@ def validate(cfg: DictConfig) -> None:
          f"eval.bootstrap_resamples must be positive, got {cfg.eval.bootstrap_resamples}"),
     ]  # fmt: skip
     problems = [message for ok, message in checks if not ok]
+    for value, setting in ((cfg.embedder.backend, "embedder.backend"),
+                           (cfg.roi.backend, "roi.backend")):  # fmt: skip
+        try:
+            runtime.resolve(value, setting)
+        except runtime.BackendError as err:
+            problems.append(str(err))
     if problems:
         raise ConfigError("; ".join(problems))
     _check_writable(Path(cfg.paths.cache).expanduser(), "paths.cache (VISUAL_SEARCH_CACHE)")
@@ -280,7 +300,7 @@ def embed_crops(
         rows = todo[part : part + CACHE_EVERY]
         computed, bad = embed.embed_files(
             embedder, [ds.root / ds.items[i] for i, _ in rows], decode_settings(cfg),
-            cfg.embedder.batch_size, cfg.embedder.num_workers, boxes=[b for _, b in rows],
+            cfg.embedder.batch_size, boxes=[b for _, b in rows],
         )  # fmt: skip
         new = {keys[row]: computed[j] for j, row in enumerate(rows) if j not in bad}
         store.put(list(new), np.stack(list(new.values())) if new else computed[:0])
@@ -415,6 +435,18 @@ def summarise(cfg, images: Images, crops: Crops, embedded: Embedded, build: dict
             n_database_rows=len(embedded.database.owner),
         )
     return results
+
+
+def runtime_conditions(cfg, embedder: embed.Embedder, detector) -> dict[str, Any]:
+    """What ran the models, and on how many threads: recorded beside every timing."""
+    found = {
+        "embed_backend": embedder.backend,
+        "embed_workers": embedder.workers,
+        "embed_threads_per_worker": embedder.threads,
+    }
+    if detector is not None:
+        found["detect_backend"] = detector.backend
+    return found
 
 
 def compare_with_whole_images(cfg, images: Images, embedded: Embedded, point: Point, embedder):

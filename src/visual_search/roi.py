@@ -10,6 +10,7 @@ when the pixels it sees change.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import logging
 import math
 import os
@@ -24,7 +25,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from visual_search import cache
+from visual_search import cache, runtime
 from visual_search.config import RoiPolicy, RoiSide
 from visual_search.images import DecodeError, DecodeSettings, load_rgb
 
@@ -82,6 +83,7 @@ class Detector(Protocol):
     """Anything that finds boxes: the YOLO wrapper, or a stub in tests."""
 
     description: dict[str, Any]
+    backend: str  # what runs it, recorded beside its timings
 
     def detect(self, images: Sequence[Image.Image]) -> list[Detections]: ...
 
@@ -157,7 +159,8 @@ def crop_key(digest: str, box: PixelBox | None) -> str:
 
 
 class YoloDetector:
-    """An ultralytics YOLO model (``.pt``, or an exported ``.onnx`` / ``.tflite``)."""
+    """An ultralytics YOLO model: a ``.pt`` run by torch or, through its ONNX export (made once
+    into the cache), by ONNX Runtime; or a ready ``.onnx`` / ``.tflite`` file run as it is."""
 
     def __init__(self, cfg, models_dir: str | os.PathLike, cache_dir: str | os.PathLike):
         os.environ.setdefault("YOLO_AUTOINSTALL", "false")  # never pip-install at run time
@@ -165,14 +168,29 @@ class YoloDetector:
 
         self.cfg = cfg
         path = _find_weights(cfg.detector, Path(models_dir).expanduser())
+        suffix = Path(path).suffix.lower()
+        self.backend = {".onnx": "onnxruntime", ".tflite": "litert"}.get(suffix) or (
+            runtime.resolve(cfg.backend, "roi.backend")
+        )
+        if suffix == ".tflite" and importlib.util.find_spec("ai_edge_litert") is None:
+            raise DetectorError(
+                f"roi.detector={cfg.detector} is a TFLite model, which needs ai-edge-litert "
+                "(pip install -e '.[litert]'); or use a .pt detector"
+            )
         try:
-            self.model = YOLO(str(path), task="detect")
+            model = YOLO(str(path), task="detect")
+            names = model.names
+            run = path
+            if suffix == ".pt" and self.backend == "onnxruntime":
+                run = runtime.export_detector(Path(path), cfg.imgsz, Path(cache_dir).expanduser())
+                model = YOLO(str(run), task="detect")
         except Exception as err:  # noqa: BLE001 -- ultralytics raises many kinds when offline
             raise DetectorError(
                 f"roi.detector={cfg.detector}: not in paths.models={models_dir} (set "
-                f"VISUAL_SEARCH_MODELS) and it could not be fetched: {err}"
+                f"VISUAL_SEARCH_MODELS) and it could not be fetched or loaded: {err}"
             ) from err
-        self.class_ids = _class_ids(cfg.classes, self.model.names)
+        self.model, self.path = model, Path(run)
+        self.class_ids = _class_ids(cfg.classes, names)
         self.description = {
             "detector": Path(path).name,
             "weights_sha256": _sha256(Path(path)) if Path(path).is_file() else str(path),
@@ -182,6 +200,8 @@ class YoloDetector:
             "imgsz": cfg.imgsz,
             "max_det": cfg.max_det,
         }
+        if self.backend != "torch":
+            self.description["runtime"] = self.backend
 
     def detect(self, images: Sequence[Image.Image]) -> list[Detections]:
         # ultralytics sets torch's thread count for the whole process when it picks a CPU
