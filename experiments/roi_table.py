@@ -2,7 +2,8 @@
 
     python experiments/roi_table.py [--uri sqlite:///mlruns/mlflow.db] [--padding 0.1]
 
-For each dataset x policy x side (the latest run of each), prints mAP and recall@1 with the
+For each dataset x policy x side (the latest run of each with the exact index, so runs of the
+index sweep in the same store never stand in for the study's), prints mAP and recall@1 with the
 paired difference against whole images and its 95% bootstrap interval, the fallback rate and
 the detector's throughput, as a Markdown table.
 """
@@ -31,6 +32,7 @@ def main() -> None:
     experiments = [e.name for e in mlflow.search_experiments() if e.name.startswith(args.prefix)]
     runs = mlflow.search_runs(experiment_names=experiments, output_format="pandas")
     runs = runs[runs["params.roi.policy"].notna() & (runs["params.roi.policy"] != "none")]
+    runs = runs[runs["params.index.factory"] == args.factory]
     if args.padding is not None:
         runs = runs[runs["params.roi.padding"].astype(float) == args.padding]
     if runs.empty:
@@ -88,6 +90,7 @@ def _parse() -> argparse.Namespace:
     )
     p.add_argument("--prefix", default="visual-search-", help="experiment name prefix")
     p.add_argument("--padding", type=float, default=None, help="only runs with this roi.padding")
+    p.add_argument("--factory", default="Flat", help="only runs with this index.factory")
     return p.parse_args()
 
 

@@ -188,3 +188,17 @@ def test_tflite_detector_without_its_runtime_names_the_setting(monkeypatch, tmp_
     cfg = OmegaConf.structured(RoiConfig(detector=str(tflite)))
     with pytest.raises(DetectorError, match="roi.detector=.*tflite.*ai-edge-litert"):
         YoloDetector(cfg, MODELS, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_detections_do_not_depend_on_what_shares_the_batch(backend, cache_dir):
+    """Corel-1k mixes 384x256 and 256x384 photos; each image's boxes must be those it gets
+    alone, or a cached study would change with which images happened to be computed together."""
+    images = [load_rgb(p) for p in _corel(7)[:24]]
+    assert len({im.size for im in images}) > 1
+    detector = YoloDetector(OmegaConf.structured(RoiConfig(backend=backend)), MODELS, cache_dir)
+    together = detector.detect(images)
+    for image, found in zip(images, together, strict=True):
+        alone = detector.detect([image])[0]
+        assert alone.to_record() == found.to_record()

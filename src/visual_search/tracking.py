@@ -51,6 +51,11 @@ def _finite(metrics: Mapping[str, Any]) -> dict[str, float]:
     }
 
 
+def _words(results: Mapping[str, Any]) -> dict[str, str]:
+    """Results that are words, not numbers (e.g. which runtime embedded): logged as tags."""
+    return {k: v for k, v in results.items() if isinstance(v, str)}
+
+
 def experiment_id_for(name: str, tracking_cfg) -> str:
     """The experiment's id, creating it if needed; safe when parallel jobs race to create it."""
     import mlflow
@@ -169,6 +174,7 @@ def log_run(
     with mlflow.start_run(experiment_id=experiment_id, run_name=name, tags=tags) as run:
         mlflow.log_params(flatten(params))
         mlflow.log_metrics(_finite(metrics))
+        mlflow.set_tags(_words(metrics))
         for path in artifacts:
             mlflow.log_artifact(str(path))
         for search_params, child_metrics in children:
@@ -181,6 +187,7 @@ def log_run(
                 mlflow.log_params(flatten(params))
                 mlflow.log_params({f"search.{k}": v for k, v in search_params.items()})
                 mlflow.log_metrics(_finite(child_metrics))
+                mlflow.set_tags(_words(child_metrics))
     log.info("MLflow run %s in experiment %s (%s)", run.info.run_id, tracking_cfg.experiment, uri)
     return run.info.run_id
 
