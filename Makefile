@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup bench test test-fast benchmark lint format clean
+.PHONY: setup browser bench serve test test-fast benchmark lint format clean
 
 setup: $(STAMP)
 
@@ -19,10 +19,22 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# The browser test drives Debian's chromium through chromedriver. Installed when missing and
+# this user may install packages (CI runs as root); otherwise the test says what to install.
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	else echo "note: install chromium and chromium-driver for the browser test"; fi
+
 bench: setup
 	$(PY) experiments/run.py $(ARGS)
 
-test: setup
+# The web app, serving the best tracked run (configs/serve.yaml; ARGS="run_id=..." etc.).
+serve: setup
+	$(PY) -m visual_search.app serve $(ARGS)
+
+test: setup browser
 	$(PY) -m pytest -ra $(PYTEST_ARGS)
 
 test-fast: setup
@@ -31,6 +43,7 @@ test-fast: setup
 benchmark: setup
 	$(PY) experiments/benchmark_embed.py $(ARGS)
 	$(PY) experiments/benchmark_index.py
+	$(PY) experiments/benchmark_serve.py
 
 lint: setup
 	$(PY) -m ruff check src experiments tests

@@ -383,3 +383,14 @@ def test_extreme_strips_are_refused_before_decoding(tmp_path):
     ):
         load_rgb(path)
     assert load_rgb(path, DecodeSettings(max_aspect_ratio=30_000)).size == (20_000, 1)
+
+
+def test_a_non_image_is_skipped_even_after_ultralytics_patches_image_open(tmp_path):
+    """ultralytics wraps Image.open to fetch a HEIF plugin on unknown files; without the plugin
+    that wrapper raises ModuleNotFoundError, which must not escape the decoder."""
+    import ultralytics.utils.patches  # noqa: F401 -- applies the patch, as the ROI stage does
+
+    path = tmp_path / "notes.jpg"
+    path.write_text("not an image")
+    with pytest.raises(DecodeError, match="not a recognised image format"):
+        load_rgb(path)

@@ -11,6 +11,7 @@ import io
 import logging
 import os
 import struct
+import sys
 import threading
 import warnings
 from dataclasses import dataclass
@@ -80,6 +81,18 @@ class DecodeSettings:
             raise ValueError(f"decode.max_pixels must be positive, got {self.max_pixels}")
         if self.max_aspect_ratio < 1:
             raise ValueError(f"decode.max_aspect_ratio must be >= 1, got {self.max_aspect_ratio}")
+
+
+def _pillow_open(fp: IO[bytes]) -> Image.Image:
+    """Pillow's own ``Image.open``.
+
+    Importing ultralytics replaces ``Image.open`` process-wide with a wrapper that, on a file
+    Pillow cannot identify, imports (or pip-installs) a HEIF plugin; without the plugin a
+    ModuleNotFoundError escapes in place of Pillow's error, so a text file named .jpg would
+    crash a run instead of being skipped. The wrapper keeps the original as ``_image_open``.
+    """
+    patches = sys.modules.get("ultralytics.utils.patches")
+    return (getattr(patches, "_image_open", None) or Image.open)(fp)
 
 
 def is_heif_without_decoder(header: bytes) -> bool:
@@ -170,7 +183,7 @@ def _decode(fp: IO[bytes], name: str, settings: DecodeSettings) -> Image.Image:
     with _PILLOW_GLOBALS, warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
-            image = Image.open(fp)
+            image = _pillow_open(fp)
         except UnidentifiedImageError as exc:
             raise DecodeError(name, "not a recognised image format") from exc
         except _BOMB_ERRORS as exc:

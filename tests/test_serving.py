@@ -1,0 +1,76 @@
+"""Choosing the served run from tracked MLflow runs, and rebuilding its searcher."""
+
+from __future__ import annotations
+
+import mlflow
+import pytest
+
+from visual_search import pipeline, serving
+from visual_search.images import load_rgb
+from visual_search.tracking import local_uri
+
+from .conftest import DATA, MODELS, needs
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def tracked(compose_config, tmp_path):
+    """Two tracked Corel-subset runs: exact search, and HNSW with a search grid of two."""
+    needs(DATA / "corel1k" / "labels.csv")
+    needs(MODELS / "mobilenet_v2_imagenet.pth")
+    flat_cfg = compose_config("dataset.limit_per_class=4")
+    flat = pipeline.run(flat_cfg, tmp_path / "flat")
+    hnsw = pipeline.run(
+        compose_config("dataset.limit_per_class=4", "index=hnsw",
+                       "index.search_grid={efSearch:[1,64]}"),
+        tmp_path / "hnsw",
+    )  # fmt: skip
+    return local_uri(flat_cfg.tracking.uri), flat, hnsw, flat_cfg
+
+
+def test_best_run_by_metric_under_a_latency_bound_and_by_id(tracked):
+    uri, flat, hnsw, _ = tracked
+    best = serving.choose_run(uri, metric="map", dataset="corel1k")
+    maps = [flat["map"]] + [p["map"] for p in hnsw["search_grid"]]
+    assert best.metrics["map"] == pytest.approx(max(maps))
+    assert "highest map on corel1k" in best.rule
+
+    # A grid run is a nested run: config from its parent, its own search settings.
+    efsearch_1 = next(p for p in hnsw["search_grid"] if p["efSearch"] == 1)
+    bound = efsearch_1["ms_per_query_p95"] + 1e-9
+    fast = serving.choose_run(uri, metric="map", max_latency_ms=bound)
+    assert fast.metrics["ms_per_query_p95"] <= bound
+    if fast.run_id != hnsw["mlflow_run_id"] and fast.search:
+        assert fast.config_run_id == hnsw["mlflow_run_id"] and fast.search == {"efSearch": 1}
+
+    named = serving.choose_run(uri, run_id=flat["mlflow_run_id"])
+    assert named.run_id == named.config_run_id == flat["mlflow_run_id"] and named.search == {}
+
+
+def test_no_matching_run_names_the_settings(tracked, tmp_path):
+    uri = tracked[0]
+    with pytest.raises(serving.ServeError, match="serve.max_latency_ms"):
+        serving.choose_run(uri, max_latency_ms=-1)
+    with pytest.raises(serving.ServeError, match="serve.run_id=nope"):
+        serving.choose_run(uri, run_id="nope")
+    empty = local_uri(f"sqlite:///{tmp_path / 'empty' / 'mlflow.db'}")
+    mlflow.MlflowClient(tracking_uri=empty).search_experiments()
+    with pytest.raises(serving.ServeError, match="run an experiment first"):
+        serving.choose_run(empty)
+
+
+def test_searcher_rebuilt_from_the_chosen_run_finds_the_query_first(tracked):
+    uri, flat, _, flat_cfg = tracked
+    choice = serving.choose_run(uri, run_id=flat["mlflow_run_id"])
+    cfg = serving.run_config(uri, choice, flat_cfg.paths)
+    assert cfg.dataset.limit_per_class == 4 and cfg.index.factory == "Flat"
+    searcher = serving.Searcher.build(cfg, choice.search)
+    assert len(searcher.owner) == 40
+    path = searcher.image_path(int(searcher.owner[5]))
+    hits = searcher.query(load_rgb(path), 5)
+    assert hits[0].path == searcher.dataset.items[int(searcher.owner[5])]
+    assert hits[0].score > 0.999 and [h.score for h in hits] == sorted(
+        (h.score for h in hits), reverse=True
+    )
+    assert len({h.item for h in hits}) == 5 and hits[0].label
