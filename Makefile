@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup browser bench serve test test-fast benchmark lint format clean
+.PHONY: setup browser bench serve report paper test test-fast benchmark lint format clean
 
 setup: $(STAMP)
 
@@ -29,6 +29,17 @@ browser:
 
 bench: setup
 	$(PY) experiments/run.py $(ARGS)
+
+# Figures and tables from the tracked runs into reports/$(NAME)/, and the README's results block.
+NAME ?= latest
+report: setup
+	$(PY) experiments/report.py --name $(NAME) --readme README.md $(ARGS)
+
+# From nothing to a finished report: both studies (every cache re-used), then the report.
+paper: setup
+	$(PY) experiments/run.py -m experiment=roi_study
+	$(PY) experiments/run.py -m experiment=index_sweep
+	$(MAKE) report
 
 # The web app, serving the best tracked run (configs/serve.yaml; ARGS="run_id=..." etc.).
 serve: setup

@@ -74,3 +74,15 @@ def test_searcher_rebuilt_from_the_chosen_run_finds_the_query_first(tracked):
         (h.score for h in hits), reverse=True
     )
     assert len({h.item for h in hits}) == 5 and hits[0].label
+
+
+def test_configs_saved_before_the_runtime_setting_are_upgraded():
+    from omegaconf import OmegaConf
+
+    old = OmegaConf.create({"embedder": {"backend": "timm", "arch": "mobilenetv2_100",
+                                         "num_workers": None, "threads": None}})  # fmt: skip
+    new = serving.upgrade(old)
+    assert new.embedder.library == "timm" and new.embedder.backend == "torch"
+    assert "num_workers" not in new.embedder
+    current = OmegaConf.create({"embedder": {"library": "torchvision", "backend": "auto"}})
+    assert serving.upgrade(current) == current

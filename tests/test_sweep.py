@@ -58,7 +58,7 @@ def test_pareto_front_on_fixed_points():
 def test_markdown_table_formats_numbers_and_leaves_the_rest():
     table = markdown_table([{"a": 0.12345, "b": "x", "c": float("nan")}], ["a", "b", "c"],
                            {"a": ".2f", "c": ".1f"})  # fmt: skip
-    assert table.splitlines() == ["| a | b | c |", "|---|---|---|", "| 0.12 | x | nan |"]
+    assert table.splitlines() == ["| a | b | c |", "|---|---|---|", "| 0.12 | x | - |"]
 
 
 @pytest.mark.parametrize("experiment", ["roi_study", "index_sweep"])

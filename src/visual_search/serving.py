@@ -122,7 +122,7 @@ def run_config(uri: str, choice: Choice, paths: DictConfig | None = None) -> Dic
             f"run {choice.config_run_id} has no config.yaml artifact ({err}); choose a run "
             "made by experiments/run.py"
         ) from err
-    saved = OmegaConf.load(local)
+    saved = upgrade(OmegaConf.load(local))
     cfg = OmegaConf.merge(OmegaConf.structured(Config), saved)
     if paths is not None:
         here = OmegaConf.to_container(paths, resolve=True)
@@ -132,6 +132,21 @@ def run_config(uri: str, choice: Choice, paths: DictConfig | None = None) -> Dic
         if root.is_relative_to(old):
             cfg.dataset.root = str(Path(here["data"]) / root.relative_to(old))
     return cfg
+
+
+def upgrade(saved: DictConfig) -> DictConfig:
+    """A config saved by an earlier version, in today's keys.
+
+    `embedder.backend` once named the library (torchvision or timm); those runs ran in torch.
+    `embedder.num_workers` (DataLoader processes) gave way to `embedder.workers` (threads).
+    """
+    embedder = saved.get("embedder")
+    if embedder is not None:
+        if embedder.get("backend") in ("torchvision", "timm"):
+            embedder.library, embedder.backend = embedder.backend, "torch"
+        if "num_workers" in embedder:
+            embedder.pop("num_workers")
+    return saved
 
 
 @dataclass

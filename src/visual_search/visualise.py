@@ -21,25 +21,28 @@ def retrieval_grid(
     queries: Sequence[Path],
     results: Sequence[Sequence[Path]],
     relevant: Sequence[Sequence[bool]],
-    scores: Sequence[Sequence[float]],
+    scores: Sequence[Sequence[float]] | None,
     path: Path,
     thumb: int = 128,
     labels: Sequence[str] | None = None,
 ) -> Path:
     """Save a grid: one row per query (blue frame), then its top results, framed green when
-    relevant and red when not, each titled with its rank and cosine similarity."""
+    relevant and red when not, each titled with its rank and cosine similarity (the rank alone
+    when `scores` is None)."""
     cols = 1 + max((len(r) for r in results), default=0)
     fig, axes = plt.subplots(
         len(queries), cols, figsize=(1.5 * cols, 1.65 * len(queries)), squeeze=False
     )
     for row, query in enumerate(queries):
-        title = f"query: {labels[row]}" if labels else "query"
+        title = f"query\n{labels[row]}" if labels else "query"
         _tile(axes[row][0], query, QUERY, title, thumb)
+        row_scores = scores[row] if scores is not None else [None] * len(results[row])
         for col, (hit, is_rel, score) in enumerate(
-            zip(results[row], relevant[row], scores[row], strict=True), start=1
+            zip(results[row], relevant[row], row_scores, strict=True), start=1
         ):
             colour = RELEVANT if is_rel else NOT_RELEVANT
-            _tile(axes[row][col], hit, colour, f"#{col}  {score:.3f}", thumb)
+            title = f"#{col}" if score is None else f"#{col}  {score:.3f}"
+            _tile(axes[row][col], hit, colour, title, thumb)
         for col in range(1 + len(results[row]), cols):
             axes[row][col].axis("off")
     fig.suptitle("Query (blue) and top results: green relevant, red not", fontsize=9)

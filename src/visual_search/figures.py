@@ -1,0 +1,177 @@
+"""The paper's figures from tracked runs, in one style, saved as PNG and PDF.
+
+Every function takes `report.Row`s (and, for the per-image figures, files the runs logged) and
+writes ``<stem>.png`` and ``<stem>.pdf``; none needs a display.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
+import numpy as np  # noqa: E402
+
+from visual_search.report import Row, pareto_front  # noqa: E402
+
+STYLE = {
+    "figure.dpi": 100, "savefig.dpi": 200, "font.size": 9, "axes.titlesize": 10,
+    "axes.labelsize": 9, "legend.fontsize": 8, "xtick.labelsize": 8, "ytick.labelsize": 8,
+    "axes.grid": True, "grid.alpha": 0.3, "axes.spines.top": False, "axes.spines.right": False,
+    "savefig.bbox": "tight", "pdf.fonttype": 42,
+}  # fmt: skip
+MARKERS = "osD^vP*Xh<>"
+
+
+def save(fig, out: Path, stem: str) -> list[Path]:
+    """PNG and PDF of `fig` (no creation date in the PDF, so reruns differ only in pixels)."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / f"{stem}.png", out / f"{stem}.pdf"]
+    fig.savefig(paths[0])
+    fig.savefig(paths[1], metadata={"CreationDate": None})
+    plt.close(fig)
+    return paths
+
+
+def _datasets(rows: Sequence[Row]) -> list[str]:
+    return sorted({r.dataset for r in rows})
+
+
+def tradeoff(rows: Sequence[Row], x: str, y: str, out: Path, stem: str, xlabel: str,
+             ylabel: str, title: str, x_scale: float = 1.0) -> list[Path] | None:  # fmt: skip
+    """y against x (log axis) per dataset, one marker per index type, the Pareto front (higher y,
+    lower x) drawn as a step line with its points labelled."""
+    datasets = [d for d in _datasets(rows)
+                if any(_finite(r, x) and _finite(r, y) for r in rows if r.dataset == d)]  # fmt: skip
+    if not datasets:
+        return None
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(1, len(datasets), figsize=(4.2 * len(datasets), 3.4),
+                                 squeeze=False)  # fmt: skip
+        indexes = sorted({r.index for r in rows})
+        for ax, dataset in zip(axes[0], datasets, strict=True):
+            points = [r for r in rows if r.dataset == dataset and _finite(r, x) and _finite(r, y)]
+            xs = np.array([r[x] * x_scale for r in points])
+            ys = np.array([r[y] for r in points])
+            colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+            for i, name in enumerate(indexes):
+                for cropped in (False, True):
+                    mine = [j for j, r in enumerate(points)
+                            if r.index == name and (r.roi != "none") == cropped]  # fmt: skip
+                    if mine:
+                        colour = colours[i % len(colours)]
+                        ax.scatter(xs[mine], ys[mine], marker=MARKERS[i % len(MARKERS)], s=26,
+                                   label=None if cropped else name, alpha=0.85,
+                                   facecolors="none" if cropped else colour,
+                                   edgecolors=colour)  # fmt: skip
+            front = pareto_front(np.column_stack([ys, xs]), maximise=[True, False])
+            order = np.argsort(xs[front])
+            ax.step(xs[front][order], ys[front][order], where="post", color="black", lw=0.8,
+                    alpha=0.6, label="Pareto front")  # fmt: skip
+            for n, j in enumerate(np.flatnonzero(front)[np.argsort(xs[front])]):
+                ax.annotate(_short(points[j]), (xs[j], ys[j]), fontsize=6,
+                            xytext=(4, -9 if n % 2 else 4), textcoords="offset points")  # fmt: skip
+            ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(ylabel)
+            ax.set_title(dataset)
+        handles = {}
+        for ax in axes[0]:
+            for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+                handles.setdefault(label, handle)
+        fig.legend(handles.values(), handles.keys(), loc="lower center", ncols=len(handles),
+                   frameon=False, bbox_to_anchor=(0.5, -0.08))  # fmt: skip
+        fig.suptitle(f"{title} (filled: whole images; hollow: ROI crops)")
+        return save(fig, out, stem)
+
+
+def _short(row: Row) -> str:
+    search = "" if row.search == "-" else " " + row.search.split("=")[-1]
+    roi = "" if row.roi == "none" else " +roi"
+    return f"{row.index}{search}{roi}"
+
+
+def _finite(row: Row, name: str) -> bool:
+    value = row[name]
+    return isinstance(value, int | float) and math.isfinite(value) and value > 0
+
+
+def roi_intervals(rows: Sequence[Row], out: Path, stem: str = "roi_vs_whole") -> list[Path] | None:
+    """ΔmAP (ROI - whole image) with its 95% bootstrap interval, one line per ROI setting."""
+    roi_rows = [r for r in rows if r.roi != "none" and r.factory == "Flat"
+                and math.isfinite(r.metrics["map_delta"])]  # fmt: skip
+    if not roi_rows:
+        return None
+    roi_rows.sort(key=lambda r: (r.dataset, r.roi, r.padding))
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(6.0, 0.22 * len(roi_rows) + 1.2))
+        ys = np.arange(len(roi_rows))[::-1]
+        datasets = _datasets(roi_rows)
+        colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        for y, r in zip(ys, roi_rows, strict=True):
+            m = r.metrics
+            colour = colours[datasets.index(r.dataset) % len(colours)]
+            ax.errorbar(m["map_delta"], y, xerr=[[m["map_delta"] - m["map_delta_ci_low"]],
+                                                 [m["map_delta_ci_high"] - m["map_delta"]]],
+                        fmt="o", ms=3, color=colour, capsize=2)  # fmt: skip
+        ax.axvline(0, color="black", lw=0.8)
+        ax.set_yticks(ys, [f"{r.dataset}: {r.roi} (pad {r.padding:g})" for r in roi_rows],
+                      fontsize=6)  # fmt: skip
+        ax.set_xlabel("ΔmAP, ROI crop − whole image (95% bootstrap CI)")
+        ax.set_title("Does cropping to the detected object help?")
+        ax.grid(axis="y", alpha=0)
+        return save(fig, out, stem)
+
+
+def per_class(
+    tables: dict[str, list[dict]], out: Path, stem: str = "per_class_ap"
+) -> list[Path] | None:
+    """Per-class mAP of each dataset's best configuration (`tables`: dataset -> per_class.csv
+    rows, the title naming the configuration), sorted."""
+    if not tables:
+        return None
+    with plt.rc_context(STYLE):
+        heights = [max(2.0, 0.13 * len(rows) + 0.8) for rows in tables.values()]
+        fig, axes = plt.subplots(len(tables), 1, figsize=(6.0, sum(heights)), squeeze=False,
+                                 gridspec_kw={"height_ratios": heights})  # fmt: skip
+        for ax, (title, rows) in zip(axes[:, 0], tables.items(), strict=True):
+            rows = sorted(rows, key=lambda r: float(r["map"]))
+            ax.barh([r["class"] for r in rows], [float(r["map"]) for r in rows], height=0.7)
+            ax.set_xlim(0, 1)
+            ax.set_xlabel("mAP of the class's queries")
+            ax.tick_params(axis="y", labelsize=5 if len(rows) > 30 else 7)
+            ax.set_title(title, fontsize=8)
+            ax.grid(axis="y", alpha=0)
+        return save(fig, out, stem)
+
+
+def explanations(panels: list[tuple[str, str, str, object]], out: Path,
+                 stem: str = "gradcam") -> list[Path] | None:  # fmt: skip
+    """Query | match pairs with their Grad-CAM overlays.
+
+    `panels` holds (row title, query label, match label, Explanation) per pair.
+    """
+    if not panels:
+        return None
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(len(panels), 2, figsize=(4.6, 2.5 * len(panels)), squeeze=False)
+        for (title, query_label, match_label, explanation), row in zip(panels, axes, strict=True):
+            query, match = explanation.overlays()[0]
+            cosine = explanation.similarity[0]
+            for ax, image, text in ((row[0], query, f"{title}\nquery: {query_label}"),
+                                    (row[1], match, f"top match: {match_label}\ncosine "
+                                                    f"{cosine:.3f}")):  # fmt: skip
+                ax.imshow(image)
+                ax.axis("off")
+                ax.set_title(text, fontsize=7)
+        fig.suptitle("Grad-CAM of the query–match cosine similarity\n(red: what raises it)",
+                     fontsize=9)  # fmt: skip
+        fig.tight_layout()
+        return save(fig, out, stem)

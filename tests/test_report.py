@@ -1,0 +1,133 @@
+"""The report: tables and figures from tracked runs, on fixed inputs and on a real small sweep."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import matplotlib
+import pytest
+
+from visual_search import figures, report
+from visual_search.report import Row
+
+from .conftest import DATA, REPO, needs
+from .test_sweep import _multirun
+
+
+def _row(dataset, index, factory, search, map_, p50, nbytes, roi="none", **extra) -> Row:
+    metrics = {k: math.nan for k in report.METRICS}
+    metrics.update(map=map_, precision_at_10=map_ + 0.05, recall_at_1=map_ + 0.1,
+                   ms_per_query_p50=p50, ms_per_query_p95=2 * p50, index_bytes=nbytes,
+                   neighbour_recall_at_10=1.0 if factory == "Flat" else 0.9, **extra)  # fmt: skip
+    return Row(f"run-{dataset}-{index}-{search}-{roi}", f"run-{dataset}-{index}-{search}-{roi}",
+               dataset, "leave_one_out", roi, 0.1 if roi != "none" else math.nan, index,
+               factory, search, metrics)  # fmt: skip
+
+
+ROWS = [
+    _row("corel1k", "flat", "Flat", "-", 0.888, 0.18, 5_120_000),
+    _row("corel1k", "hnsw", "HNSW32", "efSearch=32", 0.895, 0.033, 5_390_000),
+    _row("corel1k", "sq8", "SQ8", "-", 0.888, 0.11, 1_290_000),
+    _row("corel1k", "flat", "Flat", "-", 0.823, 0.20, 5_120_000, roi="largest/query",
+         map_delta=-0.065, map_delta_ci_low=-0.077, map_delta_ci_high=-0.053,
+         recall_at_1_delta=-0.06, recall_at_1_delta_ci_low=-0.08, recall_at_1_delta_ci_high=-0.04,
+         baseline_map=0.888, roi_fallback_rate=0.284),
+]  # fmt: skip
+
+
+def test_main_table_in_markdown_and_latex():
+    table = report.main_table(ROWS)
+    md = report.markdown_table(table, report.MAIN_COLUMNS, report.FORMATS, report.MAIN_HEADERS)
+    lines = md.splitlines()
+    assert lines[0] == "| dataset | configuration | mAP | P@10 | R@1 | p50 ms | p95 ms | index MB |"
+    assert (
+        lines[3]
+        == "| corel1k | HNSW32 efSearch=32 | 0.895 | 0.945 | 0.995 | 0.033 | 0.066 | 5.39 |"
+    )
+    assert "Flat, roi largest/query pad 0.1" in lines[5]
+    tex = report.latex_table(table, report.MAIN_COLUMNS, report.FORMATS, report.MAIN_HEADERS,
+                             "Results & costs", "tab:main")  # fmt: skip
+    assert r"\begin{tabular}{llrrrrrr}" in tex and r"\toprule" in tex
+    assert r"HNSW32 efSearch=32 & 0.895 & 0.945 & 0.995 & 0.033 & 0.066 & 5.39 \\" in tex
+    assert r"\caption{Results \& costs}" in tex
+
+
+def test_roi_table_keeps_exact_roi_rows_with_their_intervals():
+    (row,) = report.roi_table(ROWS)
+    assert row["roi"] == "largest/query (pad 0.1)"
+    assert row["map_ci"] == "-0.065 [-0.077, -0.053]" and row["whole_map"] == 0.888
+    assert report.latex_escape("ΔmAP 5% a_b") == r"$\Delta$mAP 5\% a\_b"
+
+
+def test_missing_numbers_print_as_a_dash():
+    row = {"a": math.nan, "b": 1.5}
+    assert report.markdown_table([row], ["a", "b"], {"a": ".2f", "b": ".1f"}).endswith(
+        "| - | 1.5 |"
+    )
+
+
+def test_figures_are_written_as_png_and_pdf_without_a_display(tmp_path):
+    assert matplotlib.get_backend().lower() == "agg"
+    made = [
+        figures.tradeoff(ROWS, "ms_per_query_p50", "map", tmp_path, "q_lat", "ms", "mAP", "t"),
+        figures.tradeoff(
+            ROWS, "index_bytes", "map", tmp_path, "q_bytes", "MB", "mAP", "t", x_scale=1e-6
+        ),  # fmt: skip
+        figures.roi_intervals(ROWS, tmp_path),
+        figures.per_class(
+            {"corel1k": [{"class": "buses", "map": "0.9"}, {"class": "food", "map": "0.6"}]},
+            tmp_path,
+        ),  # fmt: skip
+    ]
+    for paths in made:
+        assert [p.suffix for p in paths] == [".png", ".pdf"]
+        assert all(p.stat().st_size > 5_000 for p in paths)
+    assert figures.roi_intervals(ROWS[:3], tmp_path) is None  # no ROI rows: no figure
+
+
+def test_without_any_display_variable_in_a_fresh_process(tmp_path):
+    code = ("from pathlib import Path; from visual_search import figures; "
+            "from tests.test_report import ROWS; "
+            f"figures.tradeoff(ROWS, 'ms_per_query_p50', 'map', Path(r'{tmp_path}'), 'x', 'ms', "
+            "'mAP', 't')")  # fmt: skip
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "MPLBACKEND": ""}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "x.png").is_file()
+
+
+@pytest.mark.slow
+def test_report_from_a_real_sweep_twice_gives_identical_tables(tmp_path):
+    needs(DATA / "corel1k")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    _multirun(tmp_path, uri, "dataset.limit_per_class=3", "index=flat,hnsw", "roi=none,yolo")
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- results:begin -->\nOLD-TABLE\n<!-- results:end -->\nrest\n")
+    env = {**__import__("os").environ, "VISUAL_SEARCH_DATA": str(DATA),
+           "VISUAL_SEARCH_CACHE": str(tmp_path / "cache")}  # fmt: skip
+
+    def make(name: str) -> dict[str, bytes]:
+        proc = subprocess.run(
+            [sys.executable, str(REPO / "experiments" / "report.py"), "--name", name,
+             "--out", str(tmp_path / "reports"), "--uri", uri, "--readme", str(readme)],
+            capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        tables = tmp_path / "reports" / name / "tables"
+        return {p.name: p.read_bytes() for p in sorted(tables.iterdir())}
+
+    first, second = make("a"), make("b")
+    assert first == second and set(first) == {"main.md", "main.tex", "roi.md", "roi.tex"}
+    out = tmp_path / "reports" / "a"
+    stems = {p.stem for p in (out / "figures").iterdir()}
+    assert {"quality_vs_latency", "quality_vs_bytes", "recall_vs_latency", "roi_vs_whole",
+            "per_class_ap", "examples_corel1k", "gradcam"} <= stems  # fmt: skip
+    text = (out / "report.md").read_text()
+    assert "## Main results" in text and "## ROI study" in text
+    assert text.count("| `") >= 4  # the run list: one row per configuration
+    updated = readme.read_text()
+    assert "OLD-TABLE" not in updated and "| corel1k | leave_one_out | 30 | 30 |" in updated
+    assert updated.startswith("intro\n") and updated.endswith("rest\n")
