@@ -47,8 +47,8 @@ def tradeoff(rows: Sequence[Row], x: str, y: str, out: Path, stem: str, xlabel: 
              ylabel: str, title: str, x_scale: float = 1.0) -> list[Path] | None:  # fmt: skip
     """y against x (log axis) per dataset, one marker per index type, the Pareto front (higher y,
     lower x) drawn as a step line with its points labelled."""
-    datasets = [d for d in _datasets(rows)
-                if any(_finite(r, x) and _finite(r, y) for r in rows if r.dataset == d)]  # fmt: skip
+    plotted = {r.dataset for r in rows if _finite(r, x) and _finite(r, y)}
+    datasets = [d for d in _datasets(rows) if d in plotted]
     if not datasets:
         return None
     with plt.rc_context(STYLE):

@@ -70,8 +70,10 @@ def load_runs(uri: str, sweep: str | None = None, prefix: str = "visual-search-"
     runs = []
     token = None
     while True:
-        page = client.search_runs(experiments, " and ".join(filters), max_results=1000,
-                                  order_by=["attributes.start_time ASC"], page_token=token)  # fmt: skip
+        page = client.search_runs(
+            experiments, " and ".join(filters), max_results=1000,
+            order_by=["attributes.start_time ASC"], page_token=token,
+        )  # fmt: skip
         runs += list(page)
         token = page.token
         if not token:
