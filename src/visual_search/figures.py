@@ -27,6 +27,22 @@ STYLE = {
     "savefig.bbox": "tight", "pdf.fonttype": 42,
 }  # fmt: skip
 MARKERS = "osD^vP*Xh<>"
+# One colour and marker per index config in every figure, whichever indexes a figure shows.
+INDEXES = ("flat", "hnsw", "ivf_flat", "ivf_pq", "opq_ivf_pq", "pq", "sq8", "factory")
+
+
+def _style_of(index: str) -> tuple[str, str]:
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    i = INDEXES.index(index) if index in INDEXES else len(INDEXES) + sum(map(ord, index))
+    return colours[i % len(colours)], MARKERS[i % len(MARKERS)]
+
+
+def _log_axis(axis) -> None:
+    """Log scale labelled at 1, 2 and 5 of each decade, as plain numbers: readable whether the
+    data span a tenth of a decade or several."""
+    axis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
 
 
 def save(fig, out: Path, stem: str) -> list[Path]:
@@ -54,19 +70,18 @@ def tradeoff(rows: Sequence[Row], x: str, y: str, out: Path, stem: str, xlabel: 
     with plt.rc_context(STYLE):
         fig, axes = plt.subplots(1, len(datasets), figsize=(4.2 * len(datasets), 3.4),
                                  squeeze=False)  # fmt: skip
-        indexes = sorted({r.index for r in rows})
+        indexes = sorted({r.index for r in rows}, key=lambda n: (n not in INDEXES, n))
         for ax, dataset in zip(axes[0], datasets, strict=True):
             points = [r for r in rows if r.dataset == dataset and _finite(r, x) and _finite(r, y)]
             xs = np.array([r[x] * x_scale for r in points])
             ys = np.array([r[y] for r in points])
-            colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-            for i, name in enumerate(indexes):
+            for name in indexes:
+                colour, marker = _style_of(name)
                 for cropped in (False, True):
                     mine = [j for j, r in enumerate(points)
                             if r.index == name and (r.roi != "none") == cropped]  # fmt: skip
                     if mine:
-                        colour = colours[i % len(colours)]
-                        ax.scatter(xs[mine], ys[mine], marker=MARKERS[i % len(MARKERS)], s=26,
+                        ax.scatter(xs[mine], ys[mine], marker=marker, s=26,
                                    label=None if cropped else name, alpha=0.85,
                                    facecolors="none" if cropped else colour,
                                    edgecolors=colour)  # fmt: skip
@@ -78,7 +93,7 @@ def tradeoff(rows: Sequence[Row], x: str, y: str, out: Path, stem: str, xlabel: 
                 ax.annotate(_short(points[j]), (xs[j], ys[j]), fontsize=6,
                             xytext=(4, -9 if n % 2 else 4), textcoords="offset points")  # fmt: skip
             ax.set_xscale("log")
-            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+            _log_axis(ax.xaxis)
             ax.set_xlabel(xlabel)
             ax.set_ylabel(ylabel)
             ax.set_title(dataset)
