@@ -356,3 +356,36 @@ def test_uploaded_photo_is_stored_upright_from_its_exif_orientation(app):
                       content_type="multipart/form-data").headers["Location"]  # fmt: skip
     shown = Image.open(io.BytesIO(client.get(f"{url}/image.png").data))
     assert shown.size == (32, 64)  # stored 64 x 32 with orientation 6: upright it is 32 x 64
+
+
+@pytest.mark.parametrize("box", ["inf,0,10,10", "1e400,0,10,10", "-inf,0,5,5", "0,0,2,200"])
+def test_infinite_and_strip_boxes_get_400_not_500(app, box):
+    app, token = app
+    reply = _api(app.test_client(), token, _corel(9), box=box)
+    assert reply.status_code == 400, reply.json
+
+
+@pytest.mark.parametrize("target", ["/%09/evil.example", "//evil.example", "https://evil.example",
+                                    "/%0A/evil.example", "/\\evil.example"])  # fmt: skip
+def test_login_never_redirects_off_site(app, target):
+    app, _ = app
+    client = app.test_client()
+    csrf = _csrf(client.get("/login").get_data(as_text=True))
+    reply = client.post(f"/login?next={target}", data={"username": "ada", "password": PASSWORD,
+                                                       "csrf_token": csrf})  # fmt: skip
+    assert reply.status_code == 302 and reply.headers["Location"] == "/"
+
+
+def test_concurrent_first_views_of_an_upload_all_succeed(app):
+    from concurrent.futures import ThreadPoolExecutor
+
+    app, _ = app
+    client = _login(app.test_client())
+    index = client.get("/").get_data(as_text=True)
+    url = client.post("/upload", data={"image": (io.BytesIO(_corel(777)), "a.jpg"),
+                                       "csrf_token": _csrf(index)},
+                      content_type="multipart/form-data").headers["Location"]  # fmt: skip
+    with ThreadPoolExecutor(6) as pool:
+        codes = list(pool.map(lambda u: client.get(u).status_code,
+                              [url, f"{url}/image.png"] * 6))  # fmt: skip
+    assert codes == [200] * 12

@@ -45,6 +45,7 @@ class Services:
     detector: Any  # roi.Detector
     explainer: Any  # explain.Explainer
     explain_lock: threading.Lock
+    detect_lock: threading.Lock
 
 
 def create_app(settings: Settings, searcher, detector, explainer) -> Flask:
@@ -64,7 +65,9 @@ def create_app(settings: Settings, searcher, detector, explainer) -> Flask:
         REMEMBER_COOKIE_SAMESITE="Lax",
         WTF_CSRF_TIME_LIMIT=None,  # a token lives as long as the session
     )
-    app.extensions["visual_search"] = Services(searcher, detector, explainer, threading.Lock())
+    app.extensions["visual_search"] = Services(
+        searcher, detector, explainer, threading.Lock(), threading.Lock()
+    )
     app.extensions["visual_search_settings"] = settings
     users = UserStore(instance / "users.json")
     app.extensions["visual_search_users"] = users

@@ -83,9 +83,9 @@ class UserStore:
 
     def check(self, name: str, password: str) -> User | None:
         record = self._read().get(name)
-        if record and check_password_hash(record["password"], password):
-            return User(name)
-        return None
+        # An unknown name costs one hash check too, so timing does not tell who exists.
+        known = check_password_hash(record["password"] if record else _DUMMY, password)
+        return User(name) if record and known else None
 
     def new_token(self, name: str) -> str:
         """A new API token for `name`; only its hash is kept, so show it now."""
@@ -104,6 +104,9 @@ class UserStore:
             if any(hmac.compare_digest(digest, known) for known in record["tokens"]):
                 return User(name)
         return None
+
+
+_DUMMY = generate_password_hash(secrets.token_hex(16))
 
 
 def _digest(token: str) -> str:

@@ -24,12 +24,17 @@ from flask import (
 from flask_login import current_user, login_required, login_user, logout_user
 from PIL import Image, ImageDraw
 
+from visual_search import cache
 from visual_search.app.forms import BoxForm, LoginForm, LogoutForm, UploadForm
 from visual_search.images import DecodeError, DecodeSettings, load_rgb
 from visual_search.roi import Detections
 
 blueprint = Blueprint("views", __name__)
-UPLOAD_ID = re.compile(r"^[0-9a-f]{32}$")
+UPLOAD_ID = re.compile(r"[0-9a-f]{32}")
+# Where a login may send the user on: a path of this app, nothing a browser could read as
+# another host ("//host", "/\t/host", "/\\host") and no header-breaking characters.
+LOCAL_PATH = re.compile(r"/(?![/\\])[A-Za-z0-9_./-]*")
+MAX_BOX_ASPECT = 50  # as decode.max_aspect_ratio: a thin strip would be scaled up enormously
 
 
 def _services():
@@ -64,14 +69,20 @@ def read_image(data: bytes) -> Image.Image:
         abort(400, f"the image cannot be decoded: {reason}")
 
 
+def _shown(value) -> str:
+    """A client's value for an error message, cut short."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def parse_k(value) -> int:
     limit = _settings().max_k
     try:
         k = int(value)
     except (TypeError, ValueError):
-        abort(400, f"k must be a whole number from 1 to {limit}, got {value!r}")
+        abort(400, f"k must be a whole number from 1 to {limit}, got {_shown(value)}")
     if not 1 <= k <= limit:
-        abort(400, f"k must be from 1 to {limit}, got {k}")
+        abort(400, f"k must be from 1 to {limit}, got {_shown(k)}")
     return k
 
 
@@ -81,11 +92,14 @@ def parse_box(text: str | None, size: tuple[int, int]) -> tuple[int, int, int, i
         return None
     try:
         x0, y0, x1, y1 = (int(round(float(v))) for v in text.split(","))
-    except ValueError:
-        abort(400, f"box must be 'x0,y0,x1,y1' in pixels, got {text!r}")
+    except (ValueError, OverflowError):  # OverflowError: inf, 1e400
+        abort(400, f"box must be 'x0,y0,x1,y1' in pixels, got {_shown(text)}")
     w, h = size
     if not (0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h):
-        abort(400, f"box {x0},{y0},{x1},{y1} is not inside the {w}x{h} image")
+        abort(400, f"box {_shown(text)} is not inside the {w}x{h} image")
+    bw, bh = x1 - x0, y1 - y0
+    if max(bw, bh) > MAX_BOX_ASPECT * min(bw, bh):
+        abort(400, f"box {bw}x{bh} is more than {MAX_BOX_ASPECT} times longer than wide")
     return x0, y0, x1, y1
 
 
@@ -96,7 +110,7 @@ def _upload_dir() -> Path:
     # Per user: an upload id shown to one user means nothing to another.
     digest = hashlib.sha256(current_user.get_id().encode()).hexdigest()[:16]
     path = Path(current_app.instance_path) / "uploads" / digest
-    path.mkdir(parents=True, exist_ok=True)
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
     return path
 
 
@@ -104,12 +118,16 @@ def _store(image: Image.Image, data: bytes) -> str:
     upload_id = hashlib.sha256(data).hexdigest()[:32]
     path = _upload_dir() / f"{upload_id}.png"
     if not path.exists():
-        image.save(path, format="PNG")  # decoded and upright; the client's name is never used
+        # Decoded and upright; the client's name is never used. Written whole, then renamed.
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        cache.write_atomic(path, buffer.getvalue())
+        path.chmod(0o600)
     return upload_id
 
 
 def _load(upload_id: str) -> Image.Image:
-    if not UPLOAD_ID.match(upload_id):
+    if not UPLOAD_ID.fullmatch(upload_id):
         abort(404, "no such upload")
     path = _upload_dir() / f"{upload_id}.png"
     if not path.is_file():
@@ -121,8 +139,11 @@ def _detections(upload_id: str, image: Image.Image) -> Detections:
     path = _upload_dir() / f"{upload_id}.detections.json"
     if path.is_file():
         return Detections.from_record(json.loads(path.read_text()))
-    found = _services().detector.detect([image])[0]
-    path.write_text(json.dumps(found.to_record()))
+    with _services().detect_lock:  # one detector call at a time; the file is written whole
+        if path.is_file():
+            return Detections.from_record(json.loads(path.read_text()))
+        found = _services().detector.detect([image])[0]
+        cache.write_json(path, found.to_record())
     return found
 
 
@@ -149,8 +170,7 @@ def login():
         if user is not None:
             login_user(user)
             target = request.args.get("next", "")
-            # Only a local path: never an absolute URL an attacker put in `next`.
-            safe = target.startswith("/") and not target.startswith("//")
+            safe = LOCAL_PATH.fullmatch(target) is not None  # never a URL an attacker put in
             return redirect(target if safe else url_for("views.index"))
         return render_template("login.html", form=form, error="wrong user or password"), 401
     return render_template("login.html", form=form)
