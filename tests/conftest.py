@@ -35,6 +35,20 @@ def needs(path: Path) -> Path:
     return path
 
 
+def embedder_config(**overrides):
+    """The torchvision embedder config with the shared weights file, plus `overrides`."""
+    from omegaconf import OmegaConf
+
+    from visual_search.config import EmbedderConfig
+
+    cfg = OmegaConf.structured(EmbedderConfig)
+    cfg.local_files = {"IMAGENET1K_V1": "mobilenet_v2_imagenet.pth"}
+    cfg.preprocess_from = "IMAGENET1K_V1"
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
 @pytest.fixture
 def compose_config(tmp_path, monkeypatch):
     """Compose the real configs with overrides; caches and MLflow go to a temporary folder."""

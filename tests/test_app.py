@@ -69,6 +69,14 @@ def _login(client):
     return client
 
 
+def _upload(client, data: bytes, filename: str = "a.jpg"):
+    """Post an upload through the web form (with the page's CSRF token); the reply."""
+    token = _csrf(client.get("/").get_data(as_text=True))
+    return client.post("/upload", data={"image": (io.BytesIO(data), filename),
+                                        "csrf_token": token},
+                       content_type="multipart/form-data")  # fmt: skip
+
+
 def _corel(n: int) -> bytes:
     return needs(DATA / "corel1k" / "images" / f"{n}.jpg").read_bytes()
 
@@ -137,10 +145,7 @@ def test_session_cookie_is_httponly_and_samesite(app):
 def test_upload_pick_a_box_results_and_heatmap(app):
     app, _ = app
     client = _login(app.test_client())
-    index = client.get("/").get_data(as_text=True)
-    reply = client.post("/upload", data={"image": (io.BytesIO(_corel(301)), "../../etc/passwd"),
-                                         "csrf_token": _csrf(index)},
-                        content_type="multipart/form-data")  # fmt: skip
+    reply = _upload(client, _corel(301), "../../etc/passwd")
     assert reply.status_code == 302
     query_url = reply.headers["Location"]
     page = client.get(query_url).get_data(as_text=True)
@@ -225,10 +230,7 @@ def test_bad_uploads_get_a_4xx_that_says_why_and_the_server_keeps_serving(
     assert _api(client, token, _corel(5)).status_code == 200
     # The web form answers the same, as a page.
     _login(client)
-    index = client.get("/").get_data(as_text=True)
-    page = client.post("/upload", data={"image": (io.BytesIO(data), "x.jpg"),
-                                        "csrf_token": _csrf(index)},
-                       content_type="multipart/form-data")  # fmt: skip
+    page = _upload(client, data, "x.jpg")
     assert page.status_code == status and message in page.get_data(as_text=True)
 
 
@@ -253,10 +255,7 @@ def test_bad_k_and_box_get_400(app, form, message):
 def test_picked_box_outside_the_image_gets_400(app):
     app, _ = app
     client = _login(app.test_client())
-    index = client.get("/").get_data(as_text=True)
-    url = client.post("/upload", data={"image": (io.BytesIO(_corel(301)), "a.jpg"),
-                                       "csrf_token": _csrf(index)},
-                      content_type="multipart/form-data").headers["Location"]  # fmt: skip
+    url = _upload(client, _corel(301), "a.jpg").headers["Location"]
     page = client.get(url).get_data(as_text=True)
     reply = client.post(url, data={"box": "0,0,9999,9999", "k": 5, "csrf_token": _csrf(page)})
     assert reply.status_code == 400
@@ -350,10 +349,7 @@ def test_uploaded_photo_is_stored_upright_from_its_exif_orientation(app):
     app, _ = app
     client = _login(app.test_client())
     rotated = needs(CASES / "case01_exif_orientation" / "orientation6_64x32_stored.jpg")
-    index = client.get("/").get_data(as_text=True)
-    url = client.post("/upload", data={"image": (io.BytesIO(rotated.read_bytes()), "r.jpg"),
-                                       "csrf_token": _csrf(index)},
-                      content_type="multipart/form-data").headers["Location"]  # fmt: skip
+    url = _upload(client, rotated.read_bytes(), "r.jpg").headers["Location"]
     shown = Image.open(io.BytesIO(client.get(f"{url}/image.png").data))
     assert shown.size == (32, 64)  # stored 64 x 32 with orientation 6: upright it is 32 x 64
 
@@ -381,10 +377,7 @@ def test_concurrent_first_views_of_an_upload_all_succeed(app):
 
     app, _ = app
     client = _login(app.test_client())
-    index = client.get("/").get_data(as_text=True)
-    url = client.post("/upload", data={"image": (io.BytesIO(_corel(777)), "a.jpg"),
-                                       "csrf_token": _csrf(index)},
-                      content_type="multipart/form-data").headers["Location"]  # fmt: skip
+    url = _upload(client, _corel(777), "a.jpg").headers["Location"]
     with ThreadPoolExecutor(6) as pool:
         codes = list(pool.map(lambda u: client.get(u).status_code,
                               [url, f"{url}/image.png"] * 6))  # fmt: skip

@@ -11,23 +11,16 @@ import torch
 from omegaconf import OmegaConf
 
 from visual_search import embed
-from visual_search.config import EmbedderConfig
 from visual_search.embed import WeightsError, build_embedder, embed_files
 from visual_search.images import DecodeSettings, load_rgb
 from visual_search.index import normalise
 
-from .conftest import CASES, DATA, MODELS, needs
+from .conftest import CASES, DATA, MODELS, embedder_config, needs
 
 pytestmark = pytest.mark.slow
 
 
-def _cfg(**overrides) -> OmegaConf:
-    cfg = OmegaConf.structured(EmbedderConfig)
-    cfg.local_files = {"IMAGENET1K_V1": "mobilenet_v2_imagenet.pth"}
-    cfg.preprocess_from = "IMAGENET1K_V1"
-    for k, v in overrides.items():
-        setattr(cfg, k, v)
-    return cfg
+_cfg = embedder_config
 
 
 @pytest.fixture(scope="module")

@@ -11,13 +11,13 @@ import pytest
 from omegaconf import OmegaConf
 
 from visual_search import pipeline, runtime
-from visual_search.config import EmbedderConfig, RoiConfig
+from visual_search.config import RoiConfig
 from visual_search.embed import build_embedder, embed_files
 from visual_search.images import DecodeSettings, load_rgb
 from visual_search.pipeline import ConfigError
 from visual_search.roi import DetectorError, YoloDetector
 
-from .conftest import DATA, MODELS, needs
+from .conftest import DATA, MODELS, embedder_config, needs
 
 pytestmark = pytest.mark.skipif(
     not runtime.onnxruntime_installed(), reason="onnxruntime is not installed"
@@ -26,13 +26,7 @@ SMOKE = ("skimage_chelsea.png", "skimage_coffee.png", "skimage_astronaut.png",
          "skimage_motorcycle_left.png", "skimage_rocket.jpg", "sklearn_china.jpg")  # fmt: skip
 
 
-def _cfg(**overrides):
-    cfg = OmegaConf.structured(EmbedderConfig)
-    cfg.local_files = {"IMAGENET1K_V1": "mobilenet_v2_imagenet.pth"}
-    cfg.preprocess_from = "IMAGENET1K_V1"
-    for k, v in overrides.items():
-        setattr(cfg, k, v)
-    return cfg
+_cfg = embedder_config
 
 
 @pytest.fixture(scope="module")
