@@ -183,7 +183,7 @@ def _image_figures(best: dict[str, Row], out: Path, uri: str) -> dict[str, str]:
                                                                         strict=True)}  # fmt: skip
         ranked = sorted(per_query, key=lambda q: (float(q["ap"]), q["id"]))
         chosen = ranked[-3:][::-1] + ranked[:3]
-        stem = f"examples_{dataset}"
+        stem = "examples_" + re.sub(r"[^\w.-]+", "-", dataset).strip("-")
         for suffix in (".png", ".pdf"):  # the grid's own PNG, then the same grid as PDF
             retrieval_grid(
                 [ds.root / q["id"] for q in chosen],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import subprocess
 import sys
@@ -59,6 +60,58 @@ def test_roi_table_keeps_exact_roi_rows_with_their_intervals():
     assert row["roi"] == "largest/query (pad 0.1)"
     assert row["map_ci"] == "-0.065 [-0.077, -0.053]" and row["whole_map"] == 0.888
     assert report.latex_escape("ΔmAP 5% a_b") == r"$\Delta$mAP 5\% a\_b"
+
+
+def test_runs_that_change_relevance_size_ties_or_embedder_never_replace_the_full_protocol(
+    tmp_path,
+):
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.create_experiment("visual-search-grocery_natural")
+    base = {"dataset.name": "grocery_natural", "dataset.protocol": "natural",
+            "dataset.relevance": "fine", "dataset.limit_per_class": "None",
+            "eval.ties": "pessimistic", "embedder.library": "torchvision",
+            "embedder.arch": "mobilenet_v2", "roi.policy": "none", "index.name": "flat",
+            "index.factory": "Flat"}  # fmt: skip
+    variants = [
+        ({}, 0.40),
+        ({"dataset.relevance": "Relevance.coarse"}, 0.44),
+        ({"dataset.limit_per_class": "3"}, 0.90),
+        ({"eval.ties": "optimistic"}, 0.41),
+        ({"embedder.library": "timm", "embedder.arch": "mobilenetv2_100"}, 0.42),
+    ]
+    for extra, map_ in variants:  # the full protocol first, so every variant is newer
+        run_id = client.create_run(experiment).info.run_id
+        for key, value in {**base, **extra}.items():
+            client.log_param(run_id, key, value)
+        client.log_metric(run_id, "map", map_)
+        client.set_terminated(run_id)
+    rows = {(r.dataset, r.configuration): r.metrics["map"] for r in report.load_runs(uri)}
+    assert rows == {
+        ("grocery_natural", "Flat"): 0.40,
+        ("grocery_natural (coarse)", "Flat"): 0.44,
+        ("grocery_natural (3 per class)", "Flat"): 0.90,
+        ("grocery_natural (ties optimistic)", "Flat"): 0.41,
+        ("grocery_natural", "timm/mobilenetv2_100, Flat"): 0.42,
+    }
+
+
+def test_index_table_marks_the_pareto_front_within_each_dataset_and_roi_setting():
+    spec = importlib.util.spec_from_file_location(
+        "index_table", REPO / "experiments" / "index_table.py"
+    )
+    index_table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(index_table)
+    lines = index_table.table(ROWS).splitlines()
+    cells = [[c.strip() for c in line.split("|")[1:6]] for line in lines[2:]]
+    assert cells == [
+        ["*", "corel1k", "largest/query pad 0.1", "flat", "-"],  # alone in its group
+        ["*", "corel1k", "none", "hnsw", "efSearch=32"],  # best mAP and fastest
+        ["", "corel1k", "none", "flat", "-"],  # sq8: same mAP, faster and smaller
+        ["*", "corel1k", "none", "sq8", "-"],  # smallest
+    ]
 
 
 def test_missing_numbers_print_as_a_dash():
@@ -124,10 +177,11 @@ def test_report_from_a_real_sweep_twice_gives_identical_tables(tmp_path):
     out = tmp_path / "reports" / "a"
     stems = {p.stem for p in (out / "figures").iterdir()}
     assert {"quality_vs_latency", "quality_vs_bytes", "recall_vs_latency", "roi_vs_whole",
-            "per_class_ap", "examples_corel1k", "gradcam"} <= stems  # fmt: skip
+            "per_class_ap", "examples_corel1k-3-per-class", "gradcam"} <= stems  # fmt: skip
     text = (out / "report.md").read_text()
     assert "## Main results" in text and "## ROI study" in text
     assert text.count("| `") >= 4  # the run list: one row per configuration
     updated = readme.read_text()
-    assert "OLD-TABLE" not in updated and "| corel1k | leave_one_out | 30 | 30 |" in updated
+    assert "OLD-TABLE" not in updated
+    assert "| corel1k (3 per class) | leave_one_out | 30 | 30 |" in updated
     assert updated.startswith("intro\n") and updated.endswith("rest\n")

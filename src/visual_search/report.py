@@ -25,13 +25,16 @@ METRICS = (
 )  # fmt: skip
 
 
+DEFAULT_EMBEDDER = "torchvision/mobilenet_v2"
+
+
 @dataclass
 class Row:
     """One configuration's tracked result."""
 
     run_id: str
     config_run_id: str  # holds config.yaml and the per-query files
-    dataset: str
+    dataset: str  # the dataset's name, with what changes its relevance or size, e.g. "(coarse)"
     protocol: str
     roi: str  # "none", or "policy/side"
     padding: float
@@ -39,13 +42,15 @@ class Row:
     factory: str
     search: str  # e.g. "efSearch=32", or "-"
     metrics: dict[str, float] = field(default_factory=dict)
+    embedder: str = DEFAULT_EMBEDDER  # library/arch
 
     @property
     def configuration(self) -> str:
         """The FAISS factory string, its search setting and the ROI setting."""
         search = "" if self.search == "-" else f" {self.search}"
         roi = "" if self.roi == "none" else f", roi {self.roi} pad {self.padding:g}"
-        return f"{self.factory}{search}{roi}"
+        embedder = "" if self.embedder == DEFAULT_EMBEDDER else f"{self.embedder}, "
+        return f"{embedder}{self.factory}{search}{roi}"
 
     def __getitem__(self, name: str) -> Any:
         return getattr(self, name) if hasattr(self, name) else self.metrics.get(name, math.nan)
@@ -89,8 +94,8 @@ def load_runs(uri: str, sweep: str | None = None, prefix: str = "visual-search-"
         row = _row(run)
         if row is None:
             continue
-        latest[(row.dataset, row.protocol, row.roi, row.padding, row.index, row.factory,
-                row.search)] = row  # fmt: skip
+        latest[(row.dataset, row.protocol, row.embedder, row.roi, row.padding, row.index,
+                row.factory, row.search)] = row  # fmt: skip
     return sorted(latest.values(), key=_order)
 
 
@@ -105,18 +110,29 @@ def _row(run) -> Row | None:
         if k.startswith("search.") and k.count(".") == 1
         and k not in ("search.k", "search.max_pairs_per_chunk")
     ) or "-"  # fmt: skip
+    # Settings that change what counts as relevant, or which images take part, make another
+    # dataset as far as comparisons go: their runs never stand in for the full protocol's.
+    variant = []
+    if (relevance := _value(p.get("dataset.relevance", "fine"))) != "fine":
+        variant.append(relevance)
+    if (ties := _value(p.get("eval.ties", "pessimistic"))) != "pessimistic":
+        variant.append(f"ties {ties}")
+    if (limit := p.get("dataset.limit_per_class", "None")) not in ("None", ""):
+        variant.append(f"{limit} per class")
+    dataset = p["dataset.name"] + (f" ({', '.join(variant)})" if variant else "")
     parent = run.data.tags.get("mlflow.parentRunId")
     own_config = search == "-" or not parent
     return Row(
         run_id=run.info.run_id,
         config_run_id=run.info.run_id if own_config else parent,
-        dataset=p["dataset.name"],
+        dataset=dataset,
         protocol=_value(p.get("dataset.protocol", "")),
         roi=roi,
         padding=float(p.get("roi.padding", "nan")) if policy != "none" else math.nan,
         index=p.get("index.name", "?"),
         factory=p.get("index.factory", "?"),
         search=search,
+        embedder=f"{p.get('embedder.library', '?')}/{p.get('embedder.arch', '?')}",
         metrics={k: float(run.data.metrics.get(k, math.nan)) for k in METRICS},
     )
 
