@@ -17,6 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
+from adjustText import adjust_text  # noqa: E402
 
 from visual_search.report import Row, pareto_front  # noqa: E402
 
@@ -38,9 +39,12 @@ def _style_of(index: str) -> tuple[str, str]:
 
 
 def _log_axis(axis) -> None:
-    """Log scale labelled at 1, 2 and 5 of each decade, as plain numbers: readable whether the
-    data span a tenth of a decade or several."""
-    axis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    """Log scale labelled as plain numbers: at 1, 2 and 5 of each decade, or, where the data
+    span less than a factor of four, at evenly spaced round values, so no axis has one label."""
+    low, high = axis.get_view_interval()
+    locator = (matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)) if high > 4 * low
+               else matplotlib.ticker.MaxNLocator(nbins=5, steps=[1, 2, 2.5, 5, 10]))  # fmt: skip
+    axis.set_major_locator(locator)
     axis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
     axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
 
@@ -68,10 +72,13 @@ def tradeoff(rows: Sequence[Row], x: str, y: str, out: Path, stem: str, xlabel: 
     if not datasets:
         return None
     with plt.rc_context(STYLE):
-        fig, axes = plt.subplots(1, len(datasets), figsize=(4.2 * len(datasets), 3.4),
-                                 squeeze=False)  # fmt: skip
+        ncols = min(2, len(datasets))
+        nrows = math.ceil(len(datasets) / ncols)
+        fig, axes = plt.subplots(nrows, ncols, figsize=(6.0 * ncols, 4.2 * nrows), squeeze=False)
+        for ax in axes.flat[len(datasets) :]:
+            ax.set_visible(False)
         indexes = sorted({r.index for r in rows}, key=lambda n: (n not in INDEXES, n))
-        for ax, dataset in zip(axes[0], datasets, strict=True):
+        for ax, dataset in zip(axes.flat, datasets, strict=False):
             points = [r for r in rows if r.dataset == dataset and _finite(r, x) and _finite(r, y)]
             xs = np.array([r[x] * x_scale for r in points])
             ys = np.array([r[y] for r in points])
@@ -89,21 +96,25 @@ def tradeoff(rows: Sequence[Row], x: str, y: str, out: Path, stem: str, xlabel: 
             order = np.argsort(xs[front])
             ax.step(xs[front][order], ys[front][order], where="post", color="black", lw=0.8,
                     alpha=0.6, label="Pareto front")  # fmt: skip
-            for n, j in enumerate(np.flatnonzero(front)[np.argsort(xs[front])]):
-                ax.annotate(_short(points[j]), (xs[j], ys[j]), fontsize=6,
-                            xytext=(4, -9 if n % 2 else 4), textcoords="offset points")  # fmt: skip
             ax.set_xscale("log")
             _log_axis(ax.xaxis)
             ax.set_xlabel(xlabel)
             ax.set_ylabel(ylabel)
             ax.set_title(dataset)
+            # Label the front's points, moved apart where they would overlap (adjustText's
+            # placement is seeded, so the same runs give the same figure).
+            labels = [ax.text(xs[j], ys[j], _short(points[j]), fontsize=6.5)
+                      for j in np.flatnonzero(front)]  # fmt: skip
+            adjust_text(labels, x=xs, y=ys, ax=ax, expand=(1.1, 1.3),
+                        arrowprops={"arrowstyle": "-", "color": "0.5", "lw": 0.5})  # fmt: skip
         handles = {}
-        for ax in axes[0]:
+        for ax in axes.flat[: len(datasets)]:
             for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
                 handles.setdefault(label, handle)
         fig.legend(handles.values(), handles.keys(), loc="lower center", ncols=len(handles),
-                   frameon=False, bbox_to_anchor=(0.5, -0.08))  # fmt: skip
+                   frameon=False, bbox_to_anchor=(0.5, 0.0))  # fmt: skip
         fig.suptitle(f"{title} (filled: whole images; hollow: ROI crops)")
+        fig.tight_layout(rect=(0, 0.06 / nrows, 1, 1))
         return save(fig, out, stem)
 
 
@@ -188,5 +199,5 @@ def explanations(panels: list[tuple[str, str, str, object]], out: Path,
                 ax.set_title(text, fontsize=7)
         fig.suptitle("Grad-CAM of the query–match cosine similarity\n(red: what raises it)",
                      fontsize=9)  # fmt: skip
-        fig.tight_layout()
+        fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / fig.get_figheight()))  # room for the title
         return save(fig, out, stem)

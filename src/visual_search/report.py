@@ -9,6 +9,7 @@ tracked runs only; rows are sorted, so the same runs always give the same tables
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -144,7 +145,12 @@ def _value(param: str) -> str:
 
 
 def _order(row: Row):
-    return (row.dataset, row.roi != "none", row.roi, row.index, row.search, row.run_id)
+    return (row.dataset, row.roi != "none", row.roi, row.index, _natural(row.search), row.run_id)
+
+
+def _natural(text: str) -> tuple:
+    """Numbers in `text` compared as numbers: "nprobe=2" before "nprobe=16"."""
+    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text))
 
 
 def pareto_front(values: np.ndarray, maximise: Sequence[bool]) -> np.ndarray:
