@@ -40,7 +40,7 @@ def main() -> None:
     args = _parse()
     cfg = load_settings(args.overrides)
     uri = tracking.local_uri(cfg.tracking_uri)
-    choice = serving.choose_run(uri, cfg.run_id, cfg.metric, cfg.dataset, cfg.max_latency_ms,
+    choice = serving.choose_run(uri, cfg.run_id, cfg.metric, cfg.dataset_name, cfg.max_latency_ms,
                                 cfg.latency_metric, cfg.experiment_prefix)  # fmt: skip
     run_cfg = serving.run_config(uri, choice, cfg.paths)
     searcher = serving.Searcher.build(run_cfg, choice.search)

@@ -6,6 +6,7 @@ import mlflow
 import pytest
 
 from visual_search import pipeline, serving
+from visual_search.app.__main__ import load_settings
 from visual_search.images import load_rgb
 from visual_search.tracking import local_uri
 
@@ -46,6 +47,11 @@ def test_best_run_by_metric_under_a_latency_bound_and_by_id(tracked):
 
     named = serving.choose_run(uri, run_id=flat["mlflow_run_id"])
     assert named.run_id == named.config_run_id == flat["mlflow_run_id"] and named.search == {}
+
+
+def test_the_serve_settings_compose_with_a_dataset_rule():
+    cfg = load_settings(["dataset_name=corel1k", "max_latency_ms=50"])
+    assert cfg.dataset_name == "corel1k" and cfg.max_latency_ms == 50
 
 
 def test_no_matching_run_names_the_settings(tracked, tmp_path):

@@ -86,7 +86,7 @@ def choose_run(
         if not found:
             raise ServeError(
                 f"no finished run in {uri} has {rule}; relax serve.max_latency_ms or "
-                "serve.dataset, or set serve.run_id"
+                "serve.dataset_name, or set serve.run_id"
             )
         run = found[0]
     parent = run.data.tags.get("mlflow.parentRunId")

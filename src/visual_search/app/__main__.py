@@ -38,7 +38,7 @@ def build(cfg: DictConfig):
 
     uri = tracking.local_uri(cfg.tracking_uri)
     choice = serving.choose_run(
-        uri, cfg.run_id, cfg.metric, cfg.dataset, cfg.max_latency_ms, cfg.latency_metric,
+        uri, cfg.run_id, cfg.metric, cfg.dataset_name, cfg.max_latency_ms, cfg.latency_metric,
         cfg.experiment_prefix,
     )  # fmt: skip
     log.info(
