@@ -49,6 +49,21 @@ def test_best_run_by_metric_under_a_latency_bound_and_by_id(tracked):
     assert named.run_id == named.config_run_id == flat["mlflow_run_id"] and named.search == {}
 
 
+def test_a_sweep_job_holds_its_own_config_though_it_has_a_parent(tmp_path):
+    uri = local_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    sweep = client.create_run(client.create_experiment("visual-search-sweeps")).info.run_id
+    job = client.create_run(client.create_experiment("visual-search-corel1k"),
+                            tags={"mlflow.parentRunId": sweep}).info.run_id  # fmt: skip
+    for key, value in {"dataset.name": "corel1k", "search.k": "None",
+                       "search.max_pairs_per_chunk": "50000000"}.items():  # fmt: skip
+        client.log_param(job, key, value)
+    client.log_metric(job, "map", 0.9)
+    client.set_terminated(job)
+    chosen = serving.choose_run(uri, dataset="corel1k")
+    assert chosen.run_id == chosen.config_run_id == job and chosen.search == {}
+
+
 def test_the_serve_settings_compose_with_a_dataset_rule():
     cfg = load_settings(["dataset_name=corel1k", "max_latency_ms=50"])
     assert cfg.dataset_name == "corel1k" and cfg.max_latency_ms == 50

@@ -89,13 +89,15 @@ def choose_run(
                 "serve.dataset_name, or set serve.run_id"
             )
         run = found[0]
-    parent = run.data.tags.get("mlflow.parentRunId")
-    config_run = parent if parent and "search." in " ".join(run.data.params) else run.info.run_id
     search = {
         k.removeprefix("search."): _number(v)
         for k, v in run.data.params.items()
         if k.startswith("search.") and k.count(".") == 1 and k not in _SEARCH_CONFIG_PARAMS
     }
+    # A search-grid setting is a nested run whose config lives with its parent; a sweep's job
+    # also has a parent (the sweep's run) but holds its own config.
+    parent = run.data.tags.get("mlflow.parentRunId")
+    config_run = parent if parent and search else run.info.run_id
     experiment = client.get_experiment(run.info.experiment_id).name
     return Choice(run.info.run_id, config_run, experiment, dict(run.data.metrics), search, rule)
 
