@@ -42,7 +42,7 @@ def test_notebook_runs_top_to_bottom(path, sweep, tmp_path, monkeypatch):
 
     for name, value in sweep.items():
         monkeypatch.setenv(name, value)
-    monkeypatch.setenv("MPLBACKEND", "Agg")
+    monkeypatch.delenv("MPLBACKEND", raising=False)  # the kernel's inline backend, as in Jupyter
     book = nbformat.read(path, as_version=4)
     work = tmp_path / "notebooks"
     work.mkdir()
@@ -51,3 +51,7 @@ def test_notebook_runs_top_to_bottom(path, sweep, tmp_path, monkeypatch):
     errors = [o for c in book.cells if c.cell_type == "code" for o in c.outputs
               if o.output_type == "error"]  # fmt: skip
     assert not errors
+    if "plt." in "".join(c.source for c in book.cells):  # its plots reach the page
+        images = [o for c in book.cells if c.cell_type == "code" for o in c.outputs
+                  if "image/png" in o.get("data", {})]  # fmt: skip
+        assert images, f"{path.name} drew no figure"

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import matplotlib
+import matplotlib.pyplot as plt
 import pytest
 
 from visual_search import figures, report
@@ -122,7 +123,7 @@ def test_missing_numbers_print_as_a_dash():
 
 
 def test_figures_are_written_as_png_and_pdf_without_a_display(tmp_path):
-    assert matplotlib.get_backend().lower() == "agg"
+    backend = matplotlib.get_backend()
     made = [
         figures.tradeoff(ROWS, "ms_per_query_p50", "map", tmp_path, "q_lat", "ms", "mAP", "t"),
         figures.tradeoff(
@@ -138,6 +139,8 @@ def test_figures_are_written_as_png_and_pdf_without_a_display(tmp_path):
         assert [p.suffix for p in paths] == [".png", ".pdf"]
         assert all(p.stat().st_size > 5_000 for p in paths)
     assert figures.roi_intervals(ROWS[:3], tmp_path) is None  # no ROI rows: no figure
+    # Drawn outside pyplot: a notebook's backend and open figures are left as they were.
+    assert matplotlib.get_backend() == backend and plt.get_fignums() == []
 
 
 def test_without_any_display_variable_in_a_fresh_process(tmp_path):

@@ -11,15 +11,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
+import numpy as np
+from adjustText import adjust_text
 
-matplotlib.use("Agg")
-
-import matplotlib.pyplot as plt  # noqa: E402
-import matplotlib.ticker  # noqa: E402
-import numpy as np  # noqa: E402
-from adjustText import adjust_text  # noqa: E402
-
-from visual_search.report import Row, pareto_front  # noqa: E402
+from visual_search.report import Row, pareto_front
+from visual_search.visualise import figure
 
 STYLE = {
     "figure.dpi": 100, "savefig.dpi": 200, "font.size": 9, "axes.titlesize": 10,
@@ -33,7 +30,7 @@ INDEXES = ("flat", "hnsw", "ivf_flat", "ivf_pq", "opq_ivf_pq", "pq", "sq8", "fac
 
 
 def _style_of(index: str) -> tuple[str, str]:
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colours = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
     i = INDEXES.index(index) if index in INDEXES else len(INDEXES) + sum(map(ord, index))
     return colours[i % len(colours)], MARKERS[i % len(MARKERS)]
 
@@ -55,7 +52,6 @@ def save(fig, out: Path, stem: str) -> list[Path]:
     paths = [out / f"{stem}.png", out / f"{stem}.pdf"]
     fig.savefig(paths[0])
     fig.savefig(paths[1], metadata={"CreationDate": None})
-    plt.close(fig)
     return paths
 
 
@@ -71,10 +67,11 @@ def tradeoff(rows: Sequence[Row], x: str, y: str, out: Path, stem: str, xlabel: 
     datasets = [d for d in _datasets(rows) if d in plotted]
     if not datasets:
         return None
-    with plt.rc_context(STYLE):
+    with matplotlib.rc_context(STYLE):
         ncols = min(2, len(datasets))
         nrows = math.ceil(len(datasets) / ncols)
-        fig, axes = plt.subplots(nrows, ncols, figsize=(6.0 * ncols, 4.2 * nrows), squeeze=False)
+        fig = figure(figsize=(6.0 * ncols, 4.2 * nrows))
+        axes = fig.subplots(nrows, ncols, squeeze=False)
         for ax in axes.flat[len(datasets) :]:
             ax.set_visible(False)
         indexes = sorted({r.index for r in rows}, key=lambda n: (n not in INDEXES, n))
@@ -136,11 +133,12 @@ def roi_intervals(rows: Sequence[Row], out: Path, stem: str = "roi_vs_whole") ->
     if not roi_rows:
         return None
     roi_rows.sort(key=lambda r: (r.dataset, r.roi, r.padding))
-    with plt.rc_context(STYLE):
-        fig, ax = plt.subplots(figsize=(6.0, 0.22 * len(roi_rows) + 1.2))
+    with matplotlib.rc_context(STYLE):
+        fig = figure(figsize=(6.0, 0.22 * len(roi_rows) + 1.2))
+        ax = fig.subplots()
         ys = np.arange(len(roi_rows))[::-1]
         datasets = _datasets(roi_rows)
-        colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        colours = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
         for y, r in zip(ys, roi_rows, strict=True):
             m = r.metrics
             colour = colours[datasets.index(r.dataset) % len(colours)]
@@ -163,10 +161,10 @@ def per_class(
     rows, the title naming the configuration), sorted."""
     if not tables:
         return None
-    with plt.rc_context(STYLE):
+    with matplotlib.rc_context(STYLE):
         heights = [max(2.0, 0.13 * len(rows) + 0.8) for rows in tables.values()]
-        fig, axes = plt.subplots(len(tables), 1, figsize=(6.0, sum(heights)), squeeze=False,
-                                 gridspec_kw={"height_ratios": heights})  # fmt: skip
+        fig = figure(figsize=(6.0, sum(heights)))
+        axes = fig.subplots(len(tables), 1, squeeze=False, height_ratios=heights)
         for ax, (title, rows) in zip(axes[:, 0], tables.items(), strict=True):
             rows = sorted(rows, key=lambda r: float(r["map"]))
             ax.barh([r["class"] for r in rows], [float(r["map"]) for r in rows], height=0.7)
@@ -186,8 +184,9 @@ def explanations(panels: list[tuple[str, str, str, object]], out: Path,
     """
     if not panels:
         return None
-    with plt.rc_context(STYLE):
-        fig, axes = plt.subplots(len(panels), 2, figsize=(4.6, 2.5 * len(panels)), squeeze=False)
+    with matplotlib.rc_context(STYLE):
+        fig = figure(figsize=(4.6, 2.5 * len(panels)))
+        axes = fig.subplots(len(panels), 2, squeeze=False)
         for (title, query_label, match_label, explanation), row in zip(panels, axes, strict=True):
             query, match = explanation.overlays()[0]
             cosine = explanation.similarity[0]

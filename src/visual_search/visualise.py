@@ -5,14 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from PIL import Image
 
-matplotlib.use("Agg")  # figures are files; no display is needed or wanted
-
-import matplotlib.pyplot as plt  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from visual_search.images import DecodeError, load_rgb  # noqa: E402
+from visual_search.images import DecodeError, load_rgb
 
 RELEVANT, NOT_RELEVANT, QUERY = "#1a9850", "#d73027", "#2c7bb6"
 
@@ -30,9 +27,8 @@ def retrieval_grid(
     relevant and red when not, each titled with its rank and cosine similarity (the rank alone
     when `scores` is None)."""
     cols = 1 + max((len(r) for r in results), default=0)
-    fig, axes = plt.subplots(
-        len(queries), cols, figsize=(1.5 * cols, 1.65 * len(queries)), squeeze=False
-    )
+    fig = figure(figsize=(1.5 * cols, 1.65 * len(queries)))
+    axes = fig.subplots(len(queries), cols, squeeze=False)
     for row, query in enumerate(queries):
         title = f"query\n{labels[row]}" if labels else "query"
         _tile(axes[row][0], query, QUERY, title, thumb)
@@ -48,8 +44,15 @@ def retrieval_grid(
     fig.suptitle("Query (blue) and top results: green relevant, red not", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
+
+
+def figure(**kwargs) -> Figure:
+    """A figure drawn by Agg, outside pyplot: it never touches the session's backend (a
+    notebook's inline plots stay inline), needs no display, and is freed with its last use."""
+    fig = Figure(**kwargs)
+    FigureCanvasAgg(fig)
+    return fig
 
 
 def _tile(ax, image_path: Path, colour: str, title: str, thumb: int) -> None:
