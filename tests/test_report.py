@@ -115,6 +115,23 @@ def test_index_table_marks_the_pareto_front_within_each_dataset_and_roi_setting(
     ]
 
 
+def test_the_readme_block_takes_exact_whole_image_runs_of_full_datasets_only(tmp_path):
+    spec = importlib.util.spec_from_file_location("report_cli", REPO / "experiments" / "report.py")
+    report_cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report_cli)
+    subset = _row("corel1k (3 per class)", "flat", "Flat", "-", 0.95, 0.01, 1000)
+    subset.standard = False
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- results:begin -->\nOLD\n<!-- results:end -->\nrest\n")
+    report_cli.update_readme(readme, [*ROWS, subset])
+    lines = readme.read_text().splitlines()
+    assert lines[0] == "intro" and lines[-1] == "rest" and "OLD" not in lines
+    rows = [line for line in lines if line.startswith("| corel1k")]
+    assert len(rows) == 1 and "| 0.888 |" in rows[0]  # Flat, whole images; not HNSW, ROI or subset
+    report_cli.update_readme(readme, [subset])  # nothing to show: the block is left alone
+    assert [line for line in readme.read_text().splitlines() if line.startswith("|")][2] == rows[0]
+
+
 def test_missing_numbers_print_as_a_dash():
     row = {"a": math.nan, "b": 1.5}
     assert report.markdown_table([row], ["a", "b"], {"a": ".2f", "b": ".1f"}).endswith(
@@ -184,7 +201,8 @@ def test_report_from_a_real_sweep_twice_gives_identical_tables(tmp_path):
     text = (out / "report.md").read_text()
     assert "## Main results" in text and "## ROI study" in text
     assert text.count("| `") >= 4  # the run list: one row per configuration
-    updated = readme.read_text()
-    assert "OLD-TABLE" not in updated
-    assert "| corel1k (3 per class) | leave_one_out | 30 | 30 |" in updated
-    assert updated.startswith("intro\n") and updated.endswith("rest\n")
+    # 3 images per class is no result for the README: its table stays as it was.
+    assert (
+        readme.read_text()
+        == "intro\n<!-- results:begin -->\nOLD-TABLE\n<!-- results:end -->\nrest\n"
+    )

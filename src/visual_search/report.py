@@ -44,6 +44,7 @@ class Row:
     search: str  # e.g. "efSearch=32", or "-"
     metrics: dict[str, float] = field(default_factory=dict)
     embedder: str = DEFAULT_EMBEDDER  # library/arch
+    standard: bool = True  # every image of the dataset, ties broken pessimistically
 
     @property
     def configuration(self) -> str:
@@ -134,6 +135,7 @@ def _row(run) -> Row | None:
         factory=p.get("index.factory", "?"),
         search=search,
         embedder=f"{p.get('embedder.library', '?')}/{p.get('embedder.arch', '?')}",
+        standard=not any("ties" in v or "per class" in v for v in variant),
         metrics={k: float(run.data.metrics.get(k, math.nan)) for k in METRICS},
     )
 
