@@ -235,3 +235,23 @@ def test_when_every_image_is_skipped_the_reasons_are_still_written(compose_confi
     with pytest.raises(pipeline.NothingToSearch, match="skipped.csv"):
         pipeline.run(cfg, tmp_path / "out")
     assert len(_read_csv(tmp_path / "out" / "skipped.csv")) == 4
+
+
+def test_a_local_store_keeps_its_artifacts_beside_its_database(tmp_path, monkeypatch):
+    from omegaconf import OmegaConf
+
+    from visual_search import tracking
+
+    monkeypatch.chdir(tmp_path)  # the artifacts must not land under the working directory
+    uri = tracking.local_uri(f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}")
+    before = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        cfg = OmegaConf.create({"artifact_root": None})
+        experiment = mlflow.get_experiment(tracking.experiment_id_for("visual-search-x", cfg))
+        assert experiment.artifact_location == (tmp_path / "store" / "artifacts").as_uri()
+        chosen = OmegaConf.create({"artifact_root": str(tmp_path / "elsewhere")})
+        experiment = mlflow.get_experiment(tracking.experiment_id_for("visual-search-y", chosen))
+        assert experiment.artifact_location == (tmp_path / "elsewhere").as_uri()
+    finally:
+        mlflow.set_tracking_uri(before)

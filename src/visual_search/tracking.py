@@ -65,8 +65,11 @@ def experiment_id_for(name: str, tracking_cfg) -> str:
     if experiment is not None:
         return experiment.experiment_id
     location = None
-    if tracking_cfg.artifact_root and mlflow.get_tracking_uri().startswith("sqlite:"):
+    uri = mlflow.get_tracking_uri()
+    if tracking_cfg.artifact_root and uri.startswith("sqlite:"):
         location = Path(tracking_cfg.artifact_root).resolve().as_uri()
+    elif uri.startswith("sqlite:///"):  # a local store keeps its files beside its database
+        location = (Path(local_uri(uri).removeprefix("sqlite:///")).parent / "artifacts").as_uri()
     try:
         return mlflow.create_experiment(name, location)
     except MlflowException:
