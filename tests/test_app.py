@@ -180,6 +180,11 @@ def test_api_search_returns_ranked_ids_scores_and_urls(app):
     assert [r["score"] for r in results] == sorted((r["score"] for r in results), reverse=True)
     boxed = _api(client, token, _corel(702), k="3", box="0,0,100,100")
     assert boxed.status_code == 200 and boxed.json["results"][0]["id"] != "images/702.jpg"
+    # The result URLs open with the same token (and without one go to the login page).
+    image = client.get(results[0]["url"], headers={"Authorization": f"Bearer {token}"})
+    assert image.status_code == 200 and image.data == _corel(702)
+    assert client.get(results[0]["url"]).status_code == 302
+    assert client.get(results[0]["url"], headers={"Authorization": "Bearer x"}).status_code == 302
 
 
 def _bomb_png(width: int = 30_000, height: int = 30_000) -> bytes:

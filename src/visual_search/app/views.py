@@ -49,7 +49,42 @@ def _users():
     return current_app.extensions["visual_search_users"]
 
 
-# Reading uploads ---------------------------------------------------------------------------
+# Who is asking ------------------------------------------------------------------------------
+
+
+def _token_user():
+    """The user whose API token the request's `Authorization: Bearer` header carries."""
+    header = request.headers.get("Authorization", "")
+    token = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else ""
+    return _users().by_token(token) if token else None
+
+
+def token_required(view):
+    @functools.wraps(view)
+    def wrapped(*args, **kwargs):
+        user = _token_user()
+        if user is None:
+            return jsonify(error="authentication required: send 'Authorization: Bearer TOKEN'"), 401
+        g.api_user = user
+        return view(*args, **kwargs)
+
+    return wrapped
+
+
+def login_or_token_required(view):
+    """A page the browser and API clients both fetch: a logged-in session or an API token."""
+    protected = login_required(view)
+
+    @functools.wraps(view)
+    def wrapped(*args, **kwargs):
+        if not current_user.is_authenticated and _token_user() is not None:
+            return view(*args, **kwargs)
+        return protected(*args, **kwargs)
+
+    return wrapped
+
+
+# Reading uploads ----------------------------------------------------------------------------
 
 
 def read_image(data: bytes) -> Image.Image:
@@ -246,7 +281,7 @@ def explain(upload_id: str, item: int):
 
 
 @blueprint.route("/images/<int:item>")
-@login_required
+@login_or_token_required  # the API's result URLs point here
 def database_image(item: int):
     searcher = _services().searcher
     if not 0 <= item < len(searcher.dataset.items):
@@ -255,20 +290,6 @@ def database_image(item: int):
 
 
 # API ---------------------------------------------------------------------------------------
-
-
-def token_required(view):
-    @functools.wraps(view)
-    def wrapped(*args, **kwargs):
-        header = request.headers.get("Authorization", "")
-        token = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else ""
-        user = _users().by_token(token) if token else None
-        if user is None:
-            return jsonify(error="authentication required: send 'Authorization: Bearer TOKEN'"), 401
-        g.api_user = user
-        return view(*args, **kwargs)
-
-    return wrapped
 
 
 def _api_image() -> Image.Image:
