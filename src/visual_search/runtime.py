@@ -8,6 +8,7 @@ never go next to the weights, whose folder may be read-only or shared.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -142,7 +143,7 @@ def export_embedder(
     example = torch.zeros(2, *spec.shape, dtype=getattr(torch, spec.dtype))
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".export-") as tmp:
         out = Path(tmp) / "model.onnx"
-        with torch.no_grad():
+        with torch.no_grad(), _quiet("onnx_ir", "onnxscript", "torch.onnx"):
             program = torch.onnx.export(
                 model, (example,), input_names=["images"], output_names=["embeddings"],
                 dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},),
@@ -152,6 +153,21 @@ def export_embedder(
         cache.write_json(path.with_suffix(".json"), fields)
         os.replace(out, path)  # concurrent exporters each write whole files; last one wins
     return path
+
+
+@contextlib.contextmanager
+def _quiet(*names: str):
+    """Loggers that report every graph pass at INFO (dozens of lines under Hydra's INFO root
+    logger), held at WARNING meanwhile."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(max(logger.getEffectiveLevel(), logging.WARNING))
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 def export_detector(weights: Path, imgsz: int, cache_dir: Path) -> Path:
