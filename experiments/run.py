@@ -81,14 +81,14 @@ def format_results(cfg: DictConfig, results: dict, out_dir: Path) -> str:
 def _grid_table(points: list[dict]) -> str:
     """One line per search setting: quality against latency."""
     names = [k for k in points[0] if k not in _GRID_METRICS and not k.startswith(_SKIP)]
-    header = "  " + "".join(f"{n:>10}" for n in names) + "".join(f"{m:>16}" for m in _GRID_METRICS)
-    rows = [
-        "  "
-        + "".join(f"{p[n]:>10}" for n in names)
-        + "".join(f"{_fmt(p.get(m, float('nan'))):>16}" for m in _GRID_METRICS)
-        for p in points
-    ]
-    return "\n".join([header, *rows])
+    columns = [*names, *_GRID_METRICS]
+    cells = [[str(p[n]) for n in names] + [_fmt(p.get(m, float("nan"))) for m in _GRID_METRICS]
+             for p in points]  # fmt: skip
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    return "\n".join(
+        "  " + "  ".join(f"{cell:>{w}}" for cell, w in zip(row, widths, strict=True))
+        for row in [columns, *cells]
+    )
 
 
 _GRID_METRICS = ("map", "recall_at_1", "neighbour_recall_at_10", "ms_per_query_p50", "batch_qps")
