@@ -255,3 +255,14 @@ def test_a_local_store_keeps_its_artifacts_beside_its_database(tmp_path, monkeyp
         assert experiment.artifact_location == (tmp_path / "elsewhere").as_uri()
     finally:
         mlflow.set_tracking_uri(before)
+
+
+def test_run_names_tell_a_subset_from_the_whole_dataset():
+    from visual_search.tracking import default_run_name
+
+    params = {"dataset": {"name": "corel1k", "limit_per_class": None},
+              "roi": {"policy": "largest", "side": "query"},
+              "embedder": {"arch": "mobilenet_v2"}, "index": {"factory": "Flat"}}  # fmt: skip
+    assert default_run_name(params) == "corel1k-largest-query-mobilenet_v2-Flat"
+    params["dataset"]["limit_per_class"] = 10
+    assert default_run_name(params) == "corel1k-10-per-class-largest-query-mobilenet_v2-Flat"

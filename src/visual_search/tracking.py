@@ -80,12 +80,14 @@ def experiment_id_for(name: str, tracking_cfg) -> str:
 
 
 def default_run_name(params: Mapping[str, Any]) -> str:
-    """e.g. ``corel1k-largest-query-mobilenet_v2-Flat``: what tells runs of one dataset apart."""
+    """e.g. ``corel1k-largest-query-mobilenet_v2-Flat``: what tells runs of one dataset apart
+    (``corel1k-10-per-class-...`` for a subset)."""
     roi = params.get("roi", {})
     crop = "whole" if roi.get("policy", "none") == "none" else f"{roi['policy']}-{roi['side']}"
-    return "-".join(
-        [params["dataset"]["name"], crop, params["embedder"]["arch"], params["index"]["factory"]]
-    )
+    dataset = params["dataset"]["name"]
+    if params["dataset"].get("limit_per_class") is not None:
+        dataset += f"-{params['dataset']['limit_per_class']}-per-class"
+    return "-".join([dataset, crop, params["embedder"]["arch"], params["index"]["factory"]])
 
 
 class TrackingError(ValueError):
