@@ -13,6 +13,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from visual_search import tracking
 from visual_search.config import register_configs
 from visual_search.data import DatasetError
 from visual_search.embed import WeightsError
@@ -37,8 +38,12 @@ def main(cfg: DictConfig) -> float:
     except USER_ERRORS as err:
         log.error("%s", err)
         print(f"error: {err}", file=sys.stderr)
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
-            return float("nan")  # one job that does not fit its data must not end the sweep
+        hydra_cfg = HydraConfig.get()
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            # One job that does not fit its data must not end the sweep; its parent run says so.
+            tracking.note_failed_job(cfg.tracking, hydra_cfg.job.num,
+                                     " ".join(hydra_cfg.overrides.task), str(err))  # fmt: skip
+            return float("nan")
         sys.exit(2)
     print(format_results(cfg, results, out_dir))
     # What a Hydra optimising sweeper would maximise: mAP (the best setting's, for a grid).

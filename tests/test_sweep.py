@@ -117,13 +117,18 @@ def test_a_search_grid_is_one_build_and_a_nested_run_per_setting(compose_config,
 def test_a_multirun_has_one_parent_run_and_every_job_points_to_it(tmp_path):
     needs(DATA / "corel1k")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    _multirun(tmp_path, uri, "dataset.limit_per_class=1", "index=flat,sq8")
+    # 10 vectors cannot train 8-bit PQ: that job fails, the sweep goes on and says so.
+    proc = _multirun(tmp_path, uri, "dataset.limit_per_class=1", "index=flat,sq8,pq")
     mlflow.set_tracking_uri(uri)
     (parent,) = mlflow.search_runs(experiment_names=["visual-search-sweeps"]).run_id
     jobs = mlflow.search_runs(experiment_names=["visual-search-corel1k"])
     assert len(jobs) == 2
     assert (jobs["tags.mlflow.parentRunId"] == parent).all()
     assert sorted(jobs["params.index.name"]) == ["flat", "sq8"]
+    tags = mlflow.get_run(parent).data.tags
+    assert tags["failed_jobs"] == "1" and "index=pq" in tags["failed_job.2"]
+    assert "256 training vectors" in tags["failed_job.2"]
+    assert "1 job(s) of this sweep failed" in proc.stdout + proc.stderr
 
 
 @pytest.mark.slow

@@ -233,5 +233,32 @@ class SweepCallback(Callback):
         import mlflow
 
         run_id = os.environ.pop(SWEEP_RUN_VARIABLE, None)
-        if run_id:
-            mlflow.MlflowClient().set_terminated(run_id)
+        if not run_id:
+            return
+        client = mlflow.MlflowClient()
+        failed = sorted(v for k, v in client.get_run(run_id).data.tags.items()
+                        if k.startswith(FAILED_JOB_TAG))  # fmt: skip
+        client.set_tag(run_id, "failed_jobs", str(len(failed)))
+        if failed:
+            log.warning("%d job(s) of this sweep failed (tags %sN of MLflow run %s):\n  %s",
+                        len(failed), FAILED_JOB_TAG, run_id, "\n  ".join(failed))  # fmt: skip
+        client.set_terminated(run_id)
+
+
+FAILED_JOB_TAG = "failed_job."
+
+
+def note_failed_job(tracking_cfg, job: int, overrides: str, error: str) -> None:
+    """Record on the sweep's parent run that job `job` stopped with `error`, so a sweep that
+    goes on past a job that did not fit its data still says which ones are missing."""
+    parent = os.environ.get(SWEEP_RUN_VARIABLE)
+    if not parent or not tracking_cfg.enabled:
+        return
+    from mlflow import MlflowClient
+
+    try:
+        MlflowClient(tracking_uri=local_uri(tracking_cfg.uri)).set_tag(
+            parent, f"{FAILED_JOB_TAG}{job}", f"{overrides}: {error}"[:5000]
+        )
+    except Exception as err:  # noqa: BLE001 -- the store itself may be what failed
+        log.warning("could not record the failed job on sweep run %s: %s", parent, err)
