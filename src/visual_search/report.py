@@ -114,13 +114,13 @@ def _row(run) -> Row | None:
     ) or "-"  # fmt: skip
     # Settings that change what counts as relevant, or which images take part, make another
     # dataset as far as comparisons go: their runs never stand in for the full protocol's.
-    variant = []
-    if (relevance := _value(p.get("dataset.relevance", "fine"))) != "fine":
-        variant.append(relevance)
-    if (ties := _value(p.get("eval.ties", "pessimistic"))) != "pessimistic":
-        variant.append(f"ties {ties}")
-    if (limit := p.get("dataset.limit_per_class", "None")) not in ("None", ""):
-        variant.append(f"{limit} per class")
+    relevance = _value(p.get("dataset.relevance", "fine"))
+    ties = _value(p.get("eval.ties", "pessimistic"))
+    limit = p.get("dataset.limit_per_class", "None")
+    limited = limit not in ("None", "")
+    variant = [relevance] if relevance != "fine" else []
+    variant += [f"ties {ties}"] if ties != "pessimistic" else []
+    variant += [f"{limit} per class"] if limited else []
     dataset = p["dataset.name"] + (f" ({', '.join(variant)})" if variant else "")
     parent = run.data.tags.get("mlflow.parentRunId")
     own_config = search == "-" or not parent
@@ -135,7 +135,7 @@ def _row(run) -> Row | None:
         factory=p.get("index.factory", "?"),
         search=search,
         embedder=f"{p.get('embedder.library', '?')}/{p.get('embedder.arch', '?')}",
-        standard=not any("ties" in v or "per class" in v for v in variant),
+        standard=ties == "pessimistic" and not limited,
         metrics={k: float(run.data.metrics.get(k, math.nan)) for k in METRICS},
     )
 
