@@ -206,6 +206,18 @@ def test_grid_image_is_a_picture(tmp_path, compose_config):
         (("tracking.uri=foo://bar",), r"unknown scheme"),
         (("index=factory", "index.factory=NotAnIndex"), r"index\.factory='NotAnIndex'"),
         (("index=pq", "index.M=48"), r"M=48 must divide the dimension 1280"),
+        # Settings FAISS would abort or crash the process on, after the embedding.
+        (("index=hnsw", "index.M=0"), r"index\.M must be >= 1"),
+        (("index=factory", "index.factory=HNSW0"), r"HNSW links per node \(M\) must be >= 2"),
+        (("index=factory", "index.factory=PQ1x0"), r"PQ nbits must be in 1\.\.16, got 0"),
+        (("index=ivf_flat", "index.nlist=0"), r"index\.nlist must be >= 1"),
+        (("index=ivf_flat", "index.search_grid={nprobe:[0]}"), r"search_grid\.nprobe .* \[0\]"),
+        (("index=hnsw", "index.search_grid={efSearch:[]}"), r"search_grid\.efSearch"),
+        (("index=factory", "index.factory='IDMap,Flat'"), r"IDMap is not supported"),
+        (("index=factory", "index.factory='PCA64,Flat'"), r"PCA to 64 dimensions"),
+        (("embedder.arch=bogus",), r"bogus"),
+        (("roi=yolo", "roi.device=cuda:99"), r"roi\.device=cuda:99: this machine has"),
+        (("embedder.onnx_opset=2",), r"embedder\.onnx_opset must be >= 18"),
     ],
 )
 def test_more_bad_settings_fail_before_any_embedding(compose_config, tmp_path, monkeypatch,

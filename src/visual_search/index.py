@@ -120,6 +120,10 @@ def _drop(scores: np.ndarray, ids: np.ndarray, mask: np.ndarray):
 _IVF = re.compile(r"IVF(\d+)")
 _PQ = re.compile(r"(?<![O])PQ(\d+)(?:x(\d+))?")
 _OPQ = re.compile(r"OPQ(\d+)")
+_HNSW = re.compile(r"HNSW(\d+)")
+_NSG = re.compile(r"NSG(\d+)")
+_PCA = re.compile(r"PCA[RW]*(\d+)")
+MAX_PQ_NBITS = 16
 MIN_POINTS_PER_LIST = 39  # FAISS warns below this many training vectors per k-means centroid
 
 
@@ -138,8 +142,25 @@ def validate(factory: str, d: int, n_train: int) -> list[str]:
         ValueError: a setting that FAISS would reject or crash on, naming the config key.
     """
     warnings = []
+    if "IDMap" in factory:
+        raise ValueError(f"index.factory={factory!r}: IDMap is not supported; the index numbers "
+                         "the database rows itself")  # fmt: skip
+    for pattern, what, least in ((_HNSW, "HNSW links per node (M)", 2), (_NSG, "NSG degree", 1)):
+        for match in pattern.finditer(factory):
+            if int(match.group(1)) < least:
+                raise ValueError(f"{what} must be >= {least}, got {match.group(1)} "
+                                 f"(index.factory={factory!r})")  # fmt: skip
+    for match in _PCA.finditer(factory):
+        out = int(match.group(1))
+        if not 1 <= out <= min(d, n_train):
+            raise ValueError(
+                f"PCA to {out} dimensions needs 1 <= {out} <= min(dimension {d}, training "
+                f"vectors {n_train}) (index.factory={factory!r})"
+            )
     for match in _IVF.finditer(factory):
         nlist = int(match.group(1))
+        if nlist < 1:
+            raise ValueError(f"nlist must be >= 1, got {nlist} (index.factory={factory!r})")
         if nlist > n_train:
             raise ValueError(
                 f"nlist={nlist} needs at least {nlist} training vectors, got {n_train}; "
@@ -155,6 +176,8 @@ def validate(factory: str, d: int, n_train: int) -> list[str]:
     for pattern, name in ((_PQ, "M"), (_OPQ, "M")):
         for match in pattern.finditer(factory):
             m = int(match.group(1))
+            if m < 1:
+                raise ValueError(f"{name} must be >= 1, got {m} (index.factory={factory!r})")
             if d % m:
                 divisors = [i for i in range(1, d + 1) if d % i == 0]
                 raise ValueError(
@@ -163,6 +186,9 @@ def validate(factory: str, d: int, n_train: int) -> list[str]:
                 )
     for match in _PQ.finditer(factory):
         nbits = int(match.group(2) or 8)
+        if not 1 <= nbits <= MAX_PQ_NBITS:
+            raise ValueError(f"PQ nbits must be in 1..{MAX_PQ_NBITS}, got {nbits}; set "
+                             f"index.nbits (index.factory={factory!r})")  # fmt: skip
         if n_train < 2**nbits:
             raise ValueError(
                 f"PQ with nbits={nbits} needs at least {2**nbits} training vectors, got {n_train}; "

@@ -92,9 +92,15 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     start = time.perf_counter()
     validate(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
-    images = hash_images(data.load_dataset(cfg.dataset))
-    embedder = embed.build_embedder(cfg.embedder, cfg.paths.models, cfg.paths.cache)
-    validate_index(cfg, embedder.dim, len(images.dataset.database))
+    dataset = data.load_dataset(cfg.dataset)
+    try:
+        embedder = embed.build_embedder(cfg.embedder, cfg.paths.models, cfg.paths.cache)
+    except embed.WeightsError:
+        raise
+    except ValueError as err:  # an unknown library or architecture, a bad thread count
+        raise ConfigError(str(err)) from err
+    validate_index(cfg, embedder.dim, len(dataset.database))
+    images = hash_images(dataset)
     detector = build_detector(cfg)
     crops = plan_crops(cfg, images, detector)
     embedded = embed_crops(cfg, images, crops, embedder)
@@ -167,8 +173,20 @@ def validate(cfg: DictConfig) -> None:
          "roi.imgsz, roi.max_det and roi.batch_size must be positive"),
         (cfg.eval.bootstrap_resamples > 0,
          f"eval.bootstrap_resamples must be positive, got {cfg.eval.bootstrap_resamples}"),
+        (cfg.embedder.onnx_opset >= MIN_ONNX_OPSET,
+         f"embedder.onnx_opset must be >= {MIN_ONNX_OPSET} (what torch's ONNX exporter writes), "
+         f"got {cfg.embedder.onnx_opset}"),
     ]  # fmt: skip
+    for name in ("nlist", "M", "nbits", "efConstruction"):
+        value = cfg.index[name]
+        if value is not None and value < 1:
+            checks.append((False, f"index.{name} must be >= 1, got {value}"))
+    for name, values in cfg.index.search_grid.items():
+        if not values or any(v < 1 for v in values):
+            checks.append((False, f"index.search_grid.{name} must list values >= 1, "
+                                  f"got {list(values)}"))  # fmt: skip
     problems = [message for ok, message in checks if not ok]
+    problems += _device_problems(cfg.roi.device, "roi.device")
     for value, setting in ((cfg.embedder.backend, "embedder.backend"),
                            (cfg.roi.backend, "roi.backend")):  # fmt: skip
         try:
@@ -179,6 +197,25 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("; ".join(problems))
     _check_writable(Path(cfg.paths.cache).expanduser(), "paths.cache (VISUAL_SEARCH_CACHE)")
     tracking.check(cfg.tracking)
+
+
+MIN_ONNX_OPSET = 18
+
+
+def _device_problems(device: str, setting: str) -> list[str]:
+    """A CUDA device this machine does not have (checked before the detector loads)."""
+    if not str(device).startswith("cuda"):
+        return []
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    index = str(device).partition(":")[2] or "0"
+    if not index.isdigit() or int(index) >= count:
+        return [
+            f"{setting}={device}: this machine has {count} CUDA device(s); use cpu"
+            + (f" or cuda:0..{count - 1}" if count else "")
+        ]
+    return []
 
 
 def _check_writable(folder: Path, setting: str) -> None:
@@ -343,9 +380,14 @@ def _cached(store: cache.VectorStore, keys: list[str]) -> dict[str, np.ndarray]:
 def build_index(cfg: DictConfig, database: Rows):
     """Build (or load from the cache) the configured index over the database rows."""
     build_params = {"efConstruction": cfg.index.efConstruction}
-    built, path, build_s, cached = index.build_cached(
-        database.vectors, cfg.index.factory, Path(cfg.paths.cache), build_params
-    )
+    try:
+        built, path, build_s, cached = index.build_cached(
+            database.vectors, cfg.index.factory, Path(cfg.paths.cache), build_params
+        )
+    except RuntimeError as err:  # FAISS refused what the checks could not foresee
+        last = str(err).strip().splitlines()[-1][:300]
+        raise ConfigError(f"index.factory={cfg.index.factory!r}: FAISS could not build it on "
+                          f"{len(database.vectors)} vectors ({last})") from err  # fmt: skip
     return built, {"index_build_s": round(build_s, 4), "index_bytes": path.stat().st_size,
                    "index_cached": int(cached), "path": path}  # fmt: skip
 
