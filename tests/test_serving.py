@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import mlflow
 import pytest
 
@@ -67,6 +69,27 @@ def test_a_sweep_job_holds_its_own_config_though_it_has_a_parent(tmp_path):
 def test_the_serve_settings_compose_with_a_dataset_rule():
     cfg = load_settings(["dataset_name=corel1k", "max_latency_ms=50"])
     assert cfg.dataset_name == "corel1k" and cfg.max_latency_ms == 50
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("threads=0", "threads must be a whole number from 1, got 0"),
+        ("port=99999", "port must be a whole number from 1 to 65535"),
+        ("port=abc", "port must be a whole number"),
+        ("k=0", "k must be a whole number from 1 to 100"),
+        ("max_upload_mb=-1", "max_upload_mb must be positive"),
+        ("max_pixels=0", "max_pixels must be a whole number from 1"),
+        ("metric=a-b", "metric must be an MLflow metric name"),
+        ("explain_method=x", "explain_method must be one of"),
+        ("foo=bar", "configs/serve.yaml"),
+    ],
+)
+def test_serve_settings_that_cannot_work_are_refused_before_anything_loads(override, message):
+    from visual_search.app.__main__ import SettingsError
+
+    with pytest.raises(SettingsError, match=re.escape(message)):
+        load_settings([override])
 
 
 def test_no_matching_run_names_the_settings(tracked, tmp_path):

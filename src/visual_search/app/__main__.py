@@ -13,10 +13,12 @@ from __future__ import annotations
 import argparse
 import getpass
 import logging
+import re
 import sys
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
 from omegaconf import DictConfig
 
 from visual_search.app.users import UserError, UserStore
@@ -25,9 +27,57 @@ CONFIGS = Path(__file__).resolve().parents[3] / "configs"
 log = logging.getLogger("visual_search.app")
 
 
+class SettingsError(ValueError):
+    """A serve setting that cannot work; the message names it."""
+
+
+METHODS = ("gradcam", "gradcam++", "eigencam")
+METRIC_NAME = re.compile(r"[A-Za-z0-9_.@]+")
+
+
 def load_settings(overrides: list[str]) -> DictConfig:
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        return compose("serve", overrides=overrides)
+    """configs/serve.yaml with `overrides`, checked before anything is loaded."""
+    try:
+        with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+            cfg = compose("serve", overrides=overrides)
+    except HydraException as err:
+        raise SettingsError(f"{err} (the settings are the keys of configs/serve.yaml)") from err
+    problems = []
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            problems.append(message)
+
+    def whole(name: str, low: int, high: float = float("inf")) -> None:
+        value = cfg[name]
+        need(isinstance(value, int) and not isinstance(value, bool) and low <= value <= high,
+             f"{name} must be a whole number from {low}" + (f" to {high}" if high < 1e18 else "")
+             + f", got {value!r}")  # fmt: skip
+
+    whole("port", 1, 65535)
+    whole("threads", 1)
+    whole("max_k", 1)
+    whole("max_pixels", 1)
+    whole("k", 1, cfg.max_k if isinstance(cfg.max_k, int) else 1)
+    need(isinstance(cfg.max_upload_mb, int | float) and cfg.max_upload_mb > 0,
+         f"max_upload_mb must be positive, got {cfg.max_upload_mb!r}")  # fmt: skip
+    need(
+        cfg.explain_method in METHODS,
+        f"explain_method must be one of {', '.join(METHODS)}, got {cfg.explain_method!r}",
+    )
+    for name in ("metric", "latency_metric"):
+        need(
+            isinstance(cfg[name], str) and bool(METRIC_NAME.fullmatch(cfg[name])),
+            f"{name} must be an MLflow metric name such as map, got {cfg[name]!r}",
+        )
+    need(
+        cfg.max_latency_ms is None or isinstance(cfg.max_latency_ms, int | float),
+        f"max_latency_ms must be a number or null, got {cfg.max_latency_ms!r}",
+    )
+    need(bool(str(cfg.host).strip()), "host must not be empty")
+    if problems:
+        raise SettingsError("; ".join(problems))
+    return cfg
 
 
 def build(cfg: DictConfig):
