@@ -387,3 +387,18 @@ def test_concurrent_first_views_of_an_upload_all_succeed(app):
         codes = list(pool.map(lambda u: client.get(u).status_code,
                               [url, f"{url}/image.png"] * 6))  # fmt: skip
     assert codes == [200] * 12
+
+
+def test_only_images_of_the_served_database_are_shown_or_explained(app):
+    app, token = app
+    client = _login(app.test_client())
+    searcher = app.extensions["visual_search"].searcher
+    served = int(searcher.owner[0])
+    unserved = next(i for i in range(len(searcher.dataset.items)) if not searcher.serves(i))
+    assert client.get(f"/images/{served}").status_code == 200
+    assert client.get(f"/images/{unserved}").status_code == 404  # listed, but not searched
+    assert client.get(f"/images/{len(searcher.dataset.items)}").status_code == 404
+    fields = {"image": (io.BytesIO(_corel(1)), "q.jpg"), "item": str(unserved)}
+    reply = client.post("/api/explain", data=fields, headers={"Authorization": f"Bearer {token}"},
+                        content_type="multipart/form-data")  # fmt: skip
+    assert reply.status_code == 404

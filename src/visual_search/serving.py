@@ -169,6 +169,7 @@ class Searcher:
     index: Any
     owner: np.ndarray  # database row -> item index
     search: dict[str, float] = field(default_factory=dict)
+    _served: frozenset[int] | None = field(default=None, repr=False)
 
     @classmethod
     def build(cls, cfg: DictConfig, search: dict[str, float] | None = None) -> Searcher:
@@ -208,6 +209,12 @@ class Searcher:
 
     def image_path(self, item: int) -> Path:
         return self.dataset.root / self.dataset.items[item]
+
+    def serves(self, item: int) -> bool:
+        """Whether `item` is one of the database images a search can return."""
+        if self._served is None:
+            self._served = frozenset(self.owner.tolist())
+        return item in self._served
 
 
 def detector_for(cfg: DictConfig, roi_cfg: DictConfig | None = None) -> roi.YoloDetector:

@@ -284,7 +284,7 @@ def explain(upload_id: str, item: int):
 @login_or_token_required  # the API's result URLs point here
 def database_image(item: int):
     searcher = _services().searcher
-    if not 0 <= item < len(searcher.dataset.items):
+    if not searcher.serves(item):
         abort(404, "no such database image")
     return send_file(searcher.image_path(item), max_age=3600)
 
@@ -343,7 +343,7 @@ def _explain_pair(query: Image.Image, item: int) -> Image.Image:
     """Query overlay | result overlay, side by side."""
     services = _services()
     searcher = services.searcher
-    if not 0 <= item < len(searcher.dataset.items):
+    if not searcher.serves(item):
         abort(404, "no such database image")
     result = load_rgb(searcher.image_path(item))
     with services.explain_lock:  # the CAM object keeps per-call state in its hooks
