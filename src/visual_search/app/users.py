@@ -12,16 +12,16 @@ import hmac
 import json
 import re
 import secrets
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from filelock import FileLock
 from flask_login import UserMixin
 from werkzeug.security import check_password_hash, generate_password_hash
 
 from visual_search import cache
 
-NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 MIN_PASSWORD = 8
 
 
@@ -38,11 +38,16 @@ class User(UserMixin):
 
 
 class UserStore:
-    """The users file (created on first write); safe for one process with many threads."""
+    """The users file (created on first write); changes are made under a lock file, so the
+    server's threads and user commands run beside it never lose each other's writes."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self._lock = threading.Lock()
+        self._lock = FileLock(self.path.with_name(self.path.name + ".lock"))
+
+    def _locked(self) -> FileLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        return self._lock
 
     def _read(self) -> dict:
         if not self.path.is_file():
@@ -57,11 +62,13 @@ class UserStore:
         self.path.chmod(0o600)
 
     def add(self, name: str, password: str) -> None:
-        if not NAME.match(name):
+        if not NAME.fullmatch(name):
             raise UserError(f"user name {name!r}: use 1-64 letters, digits, '_', '.' or '-'")
         if len(password) < MIN_PASSWORD:
             raise UserError(f"password too short: at least {MIN_PASSWORD} characters")
-        with self._lock:
+        if not password.strip():
+            raise UserError("password is only spaces, which the login form cannot send")
+        with self._locked():
             users = self._read()
             if name in users:
                 raise UserError(f"user {name} exists")
@@ -69,7 +76,7 @@ class UserStore:
             self._write(users)
 
     def remove(self, name: str) -> None:
-        with self._lock:
+        with self._locked():
             users = self._read()
             if users.pop(name, None) is None:
                 raise UserError(f"no user {name}")
@@ -90,7 +97,7 @@ class UserStore:
     def new_token(self, name: str) -> str:
         """A new API token for `name`; only its hash is kept, so show it now."""
         token = secrets.token_urlsafe(32)
-        with self._lock:
+        with self._locked():
             users = self._read()
             if name not in users:
                 raise UserError(f"no user {name}")
