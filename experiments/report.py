@@ -32,7 +32,7 @@ from omegaconf import OmegaConf
 
 from visual_search import figures, report
 from visual_search.report import Row
-from visual_search.tracking import local_uri
+from visual_search.tracking import TrackingError, check_server, local_uri
 
 log = logging.getLogger("report")
 REPO = Path(__file__).resolve().parents[1]
@@ -42,13 +42,33 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("fontTools").setLevel(logging.WARNING)  # PDF font subsetting chatter
     args = _parse()
+    if args.readme:
+        readme_block(Path(args.readme))  # a README it cannot update fails before any work
+    if (
+        args.uri.startswith("sqlite:///")
+        and not Path(args.uri.removeprefix("sqlite:///")).is_file()
+    ):
+        raise SystemExit(f"no MLflow store at {args.uri}: run experiments first, or set --uri "
+                         "(MLFLOW_TRACKING_URI)")  # fmt: skip
+    if args.uri.startswith(("http://", "https://")):
+        try:
+            check_server(args.uri, "--uri")
+        except TrackingError as err:
+            raise SystemExit(str(err)) from err
     uri = local_uri(args.uri)
     rows: list[Row] = []
-    for sweep in args.sweep or [None]:
-        rows += report.load_runs(uri, sweep, args.prefix, args.filter)
+    try:
+        for sweep in args.sweep or [None]:
+            rows += report.load_runs(uri, sweep, args.prefix, args.filter)
+    except Exception as err:  # noqa: BLE001 -- MLflow and its database raise many kinds
+        first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+        raise SystemExit(f"cannot read runs from {uri}: {first}") from err
     rows = sorted({r.run_id: r for r in rows}.values(), key=report._order)
     if not rows:
-        raise SystemExit(f"no finished runs with metrics at {uri}; run experiments first")
+        which = f" of sweep {', '.join(args.sweep)}" if args.sweep else ""
+        which += f" matching {args.filter!r}" if args.filter else ""
+        raise SystemExit(f"no finished runs with metrics{which} at {uri}; run experiments first "
+                         "or check the sweep's parent run id and the filter")  # fmt: skip
     out = Path(args.out) / args.name
     tables, figure_dir = out / "tables", out / "figures"
     tables.mkdir(parents=True, exist_ok=True)
@@ -256,13 +276,24 @@ def _argv(args) -> list[str]:
 README_BEGIN, README_END = "<!-- results:begin -->", "<!-- results:end -->"
 
 
+def readme_block(path: Path) -> str:
+    """The README's text, when it has one results block to rewrite."""
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise SystemExit(f"--readme {path}: {err.strerror}") from err
+    begin, end = text.find(README_BEGIN), text.find(README_END)
+    if begin < 0 or end < begin or text.count(README_BEGIN) != 1 or text.count(README_END) != 1:
+        raise SystemExit(f"--readme {path} needs one {README_BEGIN} line followed by one "
+                         f"{README_END} line around its results table")  # fmt: skip
+    return text
+
+
 def update_readme(path: Path, rows: list[Row]) -> None:
     """Rewrite the README's results table: exact search on whole images, per dataset, from
     runs on every image with the default embedder and tie rule (a quick subset never stands in
     for a dataset's result)."""
-    text = path.read_text()
-    if README_BEGIN not in text or README_END not in text:
-        raise SystemExit(f"{path} has no {README_BEGIN} ... {README_END} block to rewrite")
+    text = readme_block(path)
     exact = [r for r in rows if r.factory == "Flat" and r.roi == "none" and r.standard
              and r.embedder == report.DEFAULT_EMBEDDER]  # fmt: skip
     if not exact:

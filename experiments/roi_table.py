@@ -31,7 +31,10 @@ def main() -> None:
     mlflow.set_tracking_uri(local_uri(args.uri))
     experiments = [e.name for e in mlflow.search_experiments() if e.name.startswith(args.prefix)]
     runs = mlflow.search_runs(experiment_names=experiments, output_format="pandas")
-    runs = runs[runs["params.roi.policy"].notna() & (runs["params.roi.policy"] != "none")]
+    if runs.empty or "params.roi.policy" not in runs or "status" not in runs:
+        raise SystemExit(f"no ROI runs in {experiments} at {args.uri}")
+    runs = runs[(runs["status"] == "FINISHED") & runs["params.roi.policy"].notna()
+                & (runs["params.roi.policy"] != "none")]  # fmt: skip
     runs = runs[runs["params.index.factory"] == args.factory]
     if args.padding is not None:
         runs = runs[runs["params.roi.padding"].astype(float) == args.padding]

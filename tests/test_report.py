@@ -206,3 +206,27 @@ def test_report_from_a_real_sweep_twice_gives_identical_tables(tmp_path):
         readme.read_text()
         == "intro\n<!-- results:begin -->\nOLD-TABLE\n<!-- results:end -->\nrest\n"
     )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--uri", "sqlite:///{tmp}/none/mlflow.db"], "no MLflow store at"),
+        (["--uri", "http://127.0.0.1:1"], "does not answer"),
+        (["--uri", "sqlite:///{tmp}/m.db", "--readme", "{tmp}/README.md"], "needs one <!--"),
+        (["--uri", "sqlite:///{tmp}/m.db", "--sweep", "deadbeef"], "of sweep deadbeef"),
+        (["--uri", "sqlite:///{tmp}/m.db", "--filter", "metrics.map >"], "Invalid clause"),
+    ],
+)
+def test_report_command_names_what_it_cannot_use_in_one_line(tmp_path, args, message):
+    from mlflow import MlflowClient
+
+    MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'm.db'}").create_experiment("visual-search-x")
+    (tmp_path / "README.md").write_text("<!-- results:end -->\n<!-- results:begin -->\n")
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "experiments" / "report.py"), "--out", str(tmp_path / "out"),
+         *(a.format(tmp=tmp_path) for a in args)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 1 and message in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "none").exists() and not (tmp_path / "out").exists()

@@ -94,6 +94,21 @@ class TrackingError(ValueError):
     """The tracking store cannot be used; raised before any compute."""
 
 
+def check_server(uri: str, setting: str = "tracking.uri") -> None:
+    """A tracking server must answer its health check within a few seconds (MLflow itself
+    retries a refused connection for minutes)."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=5):
+            pass
+    except OSError as err:
+        raise TrackingError(
+            f"{setting}={uri} (MLFLOW_TRACKING_URI) does not answer: {err}; start the server, "
+            "or use a local store with tracking.uri=sqlite:///mlruns/mlflow.db"
+        ) from err
+
+
 def check(tracking_cfg) -> None:
     """Make sure runs can be recorded before an hour of compute depends on it.
 
@@ -115,16 +130,7 @@ def check(tracking_cfg) -> None:
             raise TrackingError(f"tracking.uri={uri}: {path} is not writable; point it elsewhere")
         _create_store_once(local_uri(uri), path)
     elif uri.startswith(("http://", "https://")):
-        import urllib.request
-
-        try:
-            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=5):
-                pass
-        except OSError as err:
-            raise TrackingError(
-                f"tracking.uri={uri} (MLFLOW_TRACKING_URI) does not answer: {err}; start the "
-                "server, or use a local store with tracking.uri=sqlite:///mlruns/mlflow.db"
-            ) from err
+        check_server(uri)
     elif "://" in uri and not uri.startswith(("file://", "databricks", "postgresql", "mysql")):
         raise TrackingError(
             f"tracking.uri={uri}: unknown scheme; use sqlite:///path.db or http(s)://server"
