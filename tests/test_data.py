@@ -22,7 +22,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from PIL import Image
 
-from visual_search import data
+from visual_search import data, pipeline
 from visual_search.config import DatasetKind, Protocol, register_configs
 from visual_search.data import Dataset, DatasetError
 from visual_search.pipeline import ConfigError, validate
@@ -864,6 +864,12 @@ def test_non_regular_files_in_class_folders_are_skipped_with_a_warning(
     assert len(warnings) == 2
     assert f"{own_images}/cat/3.png: broken symlink to {own_images}/cat/gone.png" in warnings[0]
     assert f"{own_images}/dog/2.jpg: a named pipe (FIFO)" in warnings[1]
+    # They reach the run's skipped.csv and n_skipped with the rest.
+    assert dataset.excluded == {
+        "cat/3.png": f"broken symlink to {own_images}/cat/gone.png (No such file or directory)",
+        "dog/2.jpg": "a named pipe (FIFO), not a regular file",
+    }
+    assert pipeline.hash_images(dataset).skipped == dataset.excluded
 
 
 def test_fingerprint_gives_no_digest_for_a_file_it_cannot_read(tmp_path, caplog):

@@ -278,3 +278,19 @@ def test_run_names_tell_a_subset_from_the_whole_dataset():
     assert default_run_name(params) == "corel1k-largest-query-mobilenet_v2-Flat"
     params["dataset"]["limit_per_class"] = 10
     assert default_run_name(params) == "corel1k-10-per-class-largest-query-mobilenet_v2-Flat"
+
+
+def test_metrics_without_a_value_are_written_as_json_null(compose_config, tmp_path):
+    """One image per class: no query has a relevant item, so mAP has no value."""
+    root = tmp_path / "images"
+    for cls, colour in (("red", (200, 30, 30)), ("blue", (30, 30, 200))):
+        (root / cls).mkdir(parents=True)
+        Image.new("RGB", (64, 48), colour).save(root / cls / "only.png")
+    cfg = compose_config("dataset=folder", f"dataset.root={root}", "tracking.enabled=false")
+    pipeline.run(cfg, tmp_path / "out")
+
+    def no_nan(constant):
+        raise AssertionError(f"metrics.json holds {constant}, which JSON does not allow")
+
+    saved = json.loads((tmp_path / "out" / "metrics.json").read_text(), parse_constant=no_nan)
+    assert saved["map"] is None and saved["n_queries_without_relevant"] == 2

@@ -19,7 +19,7 @@ import urllib.request
 import zipfile
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import NamedTuple
 
@@ -58,6 +58,8 @@ class Dataset:
         class_names: name of each label value.
         query: (nq,) indices into ``items`` of the queries.
         database: (nd,) indices into ``items`` of the database.
+        excluded: files found but left out before reading (e.g. a broken link or a named
+            pipe, which would block a reader), relative path -> why.
     """
 
     name: str
@@ -67,6 +69,7 @@ class Dataset:
     class_names: list[str]
     query: np.ndarray
     database: np.ndarray
+    excluded: dict[str, str] = field(default_factory=dict)
 
     def self_positions(self) -> np.ndarray:
         """(nq,) position of each query inside the database, -1 where it is not part of it."""
@@ -84,7 +87,7 @@ class Dataset:
         keep_d = ~np.isin(self.database, dropped)
         return Dataset(
             self.name, self.root, self.items, self.labels, self.class_names,
-            self.query[keep_q], self.database[keep_d],
+            self.query[keep_q], self.database[keep_d], self.excluded,
         )  # fmt: skip
 
 
@@ -295,12 +298,13 @@ def _folder(cfg, root: Path) -> Dataset:
                 "add one (query or database), or use dataset.protocol=leave_one_out"
             )
         paths, label_names, sides = _unique_rows(manifest, rows)
+        excluded = {}
         if not paths:
             raise DatasetError(f"dataset.manifest={manifest} lists no images")
     else:
         if split:
             raise DatasetError("dataset.protocol=split needs dataset.manifest with a split column")
-        paths, label_names = _class_folders(root)
+        paths, label_names, excluded = _class_folders(root)
         sides = [{None} for _ in paths]
         if not paths:
             raise DatasetError(_where_to_get(cfg, f"no images found under {root}"))
@@ -313,12 +317,13 @@ def _folder(cfg, root: Path) -> Dataset:
         database = np.array([i for i, s in enumerate(sides) if "database" in s], dtype=np.int64)
     else:
         query = database = np.arange(len(paths))
-    return Dataset(cfg.name, root, paths, labels, class_names, query, database)
+    return Dataset(cfg.name, root, paths, labels, class_names, query, database, excluded)
 
 
-def _class_folders(root: Path) -> tuple[list[str], list[str]]:
-    """Relative paths of the images under `root`'s class sub-folders, and their class names."""
-    paths, not_images = [], []
+def _class_folders(root: Path) -> tuple[list[str], list[str], dict[str, str]]:
+    """Relative paths of the images under `root`'s class sub-folders, their class names, and
+    the image-named files that are not regular files, with why."""
+    paths, not_images, excluded = [], [], {}
     for p in sorted(root.rglob("*")):
         if p.is_dir():
             continue
@@ -328,6 +333,7 @@ def _class_folders(root: Path) -> tuple[list[str], list[str]]:
         why = _not_regular(p)
         if why:
             log.warning("skipping %s: %s", p, why)
+            excluded[p.relative_to(root).as_posix()] = why
             continue
         paths.append(p.relative_to(root).as_posix())
     if not_images:
@@ -342,7 +348,7 @@ def _class_folders(root: Path) -> tuple[list[str], list[str]]:
             f"{loose[0]}): put each class in its own sub-folder, or list the images with "
             "their labels in dataset.manifest=FILE.csv"
         )
-    return paths, [Path(p).parts[0] for p in paths]
+    return paths, [Path(p).parts[0] for p in paths], excluded
 
 
 def _not_regular(path: Path) -> str | None:

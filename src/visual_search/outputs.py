@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +40,9 @@ def write(cfg, embedded, crops, evaluation, results: dict, out_dir: Path) -> lis
         "grid": out_dir / "retrieval_grid.png",
     }
     cache.write_atomic(paths["config"], OmegaConf.to_yaml(cfg, resolve=True).encode())
-    cache.write_json(paths["metrics"], {k: _rounded(v) for k, v in results.items()})
+    # JSON has no NaN: a metric with no value (e.g. mAP when no query has a relevant item)
+    # is written as null.
+    cache.write_json(paths["metrics"], {k: _json_number(_rounded(v)) for k, v in results.items()})
     _write_per_query(paths["per_query"], cfg, ds, evaluation)
     query_labels = ds.labels[ds.query]
     _write_rows(
@@ -80,6 +83,10 @@ def _write_per_query(path: Path, cfg, ds: data.Dataset, evaluation) -> None:
 def _count(value: float) -> int | float:
     """Hits are whole numbers except under the tie-aware rule, where a tie counts fractionally."""
     return int(value) if float(value).is_integer() else round(float(value), 4)
+
+
+def _json_number(value):
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def _rounded(value):

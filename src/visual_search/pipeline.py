@@ -259,7 +259,7 @@ def hash_images(dataset: data.Dataset) -> Images:
     used = dataset.used_items()
     fingerprint, digests = data.fingerprint(dataset.root, [dataset.items[i] for i in used])
     unreadable = [int(i) for i, d in zip(used, digests, strict=True) if d is None]
-    skipped = {dataset.items[i]: "file cannot be read" for i in unreadable}
+    skipped = {**dataset.excluded, **{dataset.items[i]: "file cannot be read" for i in unreadable}}
     readable = {int(i): d for i, d in zip(used, digests, strict=True) if d is not None}
     return Images(dataset.without(unreadable), readable, fingerprint, skipped)
 
