@@ -402,3 +402,16 @@ def test_only_images_of_the_served_database_are_shown_or_explained(app):
     reply = client.post("/api/explain", data=fields, headers={"Authorization": f"Bearer {token}"},
                         content_type="multipart/form-data")  # fmt: skip
     assert reply.status_code == 404
+
+
+def test_an_unreadable_users_file_is_a_json_503_on_the_api(app):
+    app, token = app
+    users = Path(app.instance_path) / "users.json"
+    saved = users.read_text()
+    try:
+        users.write_text("{not json")
+        reply = _api(app.test_client(), token, _corel(1))
+        assert reply.status_code == 503 and "cannot read its users" in reply.json["error"]
+    finally:
+        users.write_text(saved)
+    assert _api(app.test_client(), token, _corel(1)).status_code == 200

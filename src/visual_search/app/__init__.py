@@ -20,7 +20,7 @@ from flask import Flask, jsonify, request
 from flask_login import LoginManager
 from flask_wtf.csrf import CSRFError, CSRFProtect
 
-from visual_search.app.users import UserStore
+from visual_search.app.users import UserError, UserStore
 
 log = logging.getLogger(__name__)
 
@@ -125,3 +125,14 @@ def _errors(app: Flask) -> None:
     @app.errorhandler(415)
     def _client(err):
         return reply(err.code, err.description)
+
+    @app.errorhandler(UserError)
+    def _users_file(err):
+        log.error("%s", err)
+        return reply(503, f"the server cannot read its users: {err}")
+
+    @app.errorhandler(500)
+    def _server(err):
+        # The traceback goes to the server's log; the client gets the same kind of reply as
+        # for any other error (JSON on the API), not a bare HTML page.
+        return reply(500, "internal error; the server log has the details")
