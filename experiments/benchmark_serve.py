@@ -30,7 +30,7 @@ from pathlib import Path
 
 import requests
 
-from visual_search import serving, timing, tracking
+from visual_search import serving, timing
 from visual_search.app.__main__ import load_settings
 from visual_search.app.users import UserStore
 from visual_search.images import load_rgb
@@ -39,7 +39,7 @@ from visual_search.images import load_rgb
 def main() -> None:
     args = _parse()
     cfg = load_settings(args.overrides)
-    uri = tracking.local_uri(cfg.tracking_uri)
+    uri = serving.store_uri(cfg.tracking_uri)
     choice = serving.choose_run(uri, cfg.run_id, cfg.metric, cfg.dataset_name, cfg.max_latency_ms,
                                 cfg.latency_metric, cfg.experiment_prefix)  # fmt: skip
     run_cfg = serving.run_config(uri, choice, cfg.paths)

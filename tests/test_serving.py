@@ -66,6 +66,13 @@ def test_a_sweep_job_holds_its_own_config_though_it_has_a_parent(tmp_path):
     assert chosen.run_id == chosen.config_run_id == job and chosen.search == {}
 
 
+def test_serving_from_a_store_that_does_not_exist_creates_none(tmp_path):
+    missing = tmp_path / "nowhere" / "mlflow.db"
+    with pytest.raises(serving.ServeError, match="no MLflow store there"):
+        serving.store_uri(f"sqlite:///{missing}")
+    assert not (tmp_path / "nowhere").exists()
+
+
 def test_the_serve_settings_compose_with_a_dataset_rule():
     cfg = load_settings(["dataset_name=corel1k", "max_latency_ms=50"])
     assert cfg.dataset_name == "corel1k" and cfg.max_latency_ms == 50

@@ -19,7 +19,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-from visual_search import data, embed, index, pipeline, roi
+from visual_search import data, embed, index, pipeline, roi, tracking
 from visual_search.config import Config, RoiPolicy
 
 log = logging.getLogger(__name__)
@@ -27,6 +27,18 @@ log = logging.getLogger(__name__)
 
 class ServeError(ValueError):
     """The served run cannot be chosen or loaded; the message names the setting."""
+
+
+def store_uri(uri: str) -> str:
+    """The tracking URI to read runs from; a local SQLite store must already exist (reading
+    never creates one)."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not Path(uri[len(prefix) :]).expanduser().is_file():
+        raise ServeError(
+            f"serve.tracking_uri={uri}: no MLflow store there; run an experiment first (make "
+            "bench), or point MLFLOW_TRACKING_URI at the store"
+        )
+    return tracking.local_uri(uri)
 
 
 @dataclass

@@ -82,11 +82,11 @@ def load_settings(overrides: list[str]) -> DictConfig:
 
 def build(cfg: DictConfig):
     """Choose the run, rebuild its searcher, detector and explainer; return the app."""
-    from visual_search import serving, tracking
+    from visual_search import serving
     from visual_search.app import Settings, create_app
     from visual_search.explain import Explainer
 
-    uri = tracking.local_uri(cfg.tracking_uri)
+    uri = serving.store_uri(cfg.tracking_uri)
     choice = serving.choose_run(
         uri, cfg.run_id, cfg.metric, cfg.dataset_name, cfg.max_latency_ms, cfg.latency_metric,
         cfg.experiment_prefix,
