@@ -132,6 +132,9 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     return results
 
 
+MIN_ONNX_OPSET = 18  # the oldest opset torch's dynamo exporter writes
+
+
 def validate(cfg: DictConfig) -> None:
     """Fail on settings that types alone cannot catch, before any data is read."""
     unknown = unknown_keys(cfg)
@@ -177,15 +180,14 @@ def validate(cfg: DictConfig) -> None:
          f"embedder.onnx_opset must be >= {MIN_ONNX_OPSET} (what torch's ONNX exporter writes), "
          f"got {cfg.embedder.onnx_opset}"),
     ]  # fmt: skip
+    problems = [message for ok, message in checks if not ok]
     for name in ("nlist", "M", "nbits", "efConstruction"):
         value = cfg.index[name]
         if value is not None and value < 1:
-            checks.append((False, f"index.{name} must be >= 1, got {value}"))
+            problems.append(f"index.{name} must be >= 1, got {value}")
     for name, values in cfg.index.search_grid.items():
         if not values or any(v < 1 for v in values):
-            checks.append((False, f"index.search_grid.{name} must list values >= 1, "
-                                  f"got {list(values)}"))  # fmt: skip
-    problems = [message for ok, message in checks if not ok]
+            problems.append(f"index.search_grid.{name} must list values >= 1, got {list(values)}")
     problems += _device_problems(cfg.roi.device, "roi.device")
     for value, setting in ((cfg.embedder.backend, "embedder.backend"),
                            (cfg.roi.backend, "roi.backend")):  # fmt: skip
@@ -197,9 +199,6 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("; ".join(problems))
     _check_writable(Path(cfg.paths.cache).expanduser(), "paths.cache (VISUAL_SEARCH_CACHE)")
     tracking.check(cfg.tracking)
-
-
-MIN_ONNX_OPSET = 18
 
 
 def _device_problems(device: str, setting: str) -> list[str]:
