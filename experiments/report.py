@@ -32,7 +32,7 @@ from omegaconf import OmegaConf
 
 from visual_search import figures, report
 from visual_search.report import Row
-from visual_search.tracking import TrackingError, check_server, local_uri
+from visual_search.tracking import TrackingError, existing_store
 
 log = logging.getLogger("report")
 REPO = Path(__file__).resolve().parents[1]
@@ -44,18 +44,10 @@ def main() -> None:
     args = _parse()
     if args.readme:
         readme_block(Path(args.readme))  # a README it cannot update fails before any work
-    if (
-        args.uri.startswith("sqlite:///")
-        and not Path(args.uri.removeprefix("sqlite:///")).is_file()
-    ):
-        raise SystemExit(f"no MLflow store at {args.uri}: run experiments first, or set --uri "
-                         "(MLFLOW_TRACKING_URI)")  # fmt: skip
-    if args.uri.startswith(("http://", "https://")):
-        try:
-            check_server(args.uri, "--uri")
-        except TrackingError as err:
-            raise SystemExit(str(err)) from err
-    uri = local_uri(args.uri)
+    try:
+        uri = existing_store(args.uri, "--uri")
+    except TrackingError as err:
+        raise SystemExit(str(err)) from err
     rows: list[Row] = []
     try:
         for sweep in args.sweep or [None]:

@@ -145,7 +145,8 @@ def validate(factory: str, d: int, n_train: int) -> list[str]:
     if "IDMap" in factory:
         raise ValueError(f"index.factory={factory!r}: IDMap is not supported; the index numbers "
                          "the database rows itself")  # fmt: skip
-    for pattern, what, least in ((_HNSW, "HNSW links per node (M)", 2), (_NSG, "NSG degree", 1)):
+    for pattern, what, least in ((_HNSW, "HNSW links per node (M)", 2), (_NSG, "NSG degree", 1),
+                                 (_IVF, "nlist", 1), (_PQ, "M", 1), (_OPQ, "M", 1)):  # fmt: skip
         for match in pattern.finditer(factory):
             if int(match.group(1)) < least:
                 raise ValueError(f"{what} must be >= {least}, got {match.group(1)} "
@@ -159,8 +160,6 @@ def validate(factory: str, d: int, n_train: int) -> list[str]:
             )
     for match in _IVF.finditer(factory):
         nlist = int(match.group(1))
-        if nlist < 1:
-            raise ValueError(f"nlist must be >= 1, got {nlist} (index.factory={factory!r})")
         if nlist > n_train:
             raise ValueError(
                 f"nlist={nlist} needs at least {nlist} training vectors, got {n_train}; "
@@ -176,8 +175,6 @@ def validate(factory: str, d: int, n_train: int) -> list[str]:
     for pattern, name in ((_PQ, "M"), (_OPQ, "M")):
         for match in pattern.finditer(factory):
             m = int(match.group(1))
-            if m < 1:
-                raise ValueError(f"{name} must be >= 1, got {m} (index.factory={factory!r})")
             if d % m:
                 divisors = [i for i in range(1, d + 1) if d % i == 0]
                 raise ValueError(

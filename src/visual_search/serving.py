@@ -30,15 +30,11 @@ class ServeError(ValueError):
 
 
 def store_uri(uri: str) -> str:
-    """The tracking URI to read runs from; a local SQLite store must already exist (reading
-    never creates one)."""
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not Path(uri[len(prefix) :]).expanduser().is_file():
-        raise ServeError(
-            f"serve.tracking_uri={uri}: no MLflow store there; run an experiment first (make "
-            "bench), or point MLFLOW_TRACKING_URI at the store"
-        )
-    return tracking.local_uri(uri)
+    """The tracking URI to read runs from: an existing store, never a new one."""
+    try:
+        return tracking.existing_store(uri, "serve.tracking_uri")
+    except tracking.TrackingError as err:
+        raise ServeError(str(err)) from err
 
 
 @dataclass

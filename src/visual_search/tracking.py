@@ -109,6 +109,20 @@ def check_server(uri: str, setting: str = "tracking.uri") -> None:
         ) from err
 
 
+def existing_store(uri: str, setting: str) -> str:
+    """`uri` ready to read runs from: a local SQLite store must already exist (reading never
+    creates one) and a server must answer; raises TrackingError naming `setting` otherwise."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not Path(uri[len(prefix) :]).expanduser().is_file():
+        raise TrackingError(
+            f"no MLflow store at {uri} ({setting}); with no MLflow store there yet, run an "
+            "experiment first (make bench), or point MLFLOW_TRACKING_URI at the store"
+        )
+    if uri.startswith(("http://", "https://")):
+        check_server(uri, setting)
+    return local_uri(uri)
+
+
 def check(tracking_cfg) -> None:
     """Make sure runs can be recorded before an hour of compute depends on it.
 

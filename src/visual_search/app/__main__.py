@@ -48,10 +48,11 @@ def load_settings(overrides: list[str]) -> DictConfig:
         if not ok:
             problems.append(message)
 
-    def whole(name: str, low: int, high: float = float("inf")) -> None:
+    def whole(name: str, low: int, high: int | None = None) -> None:
         value = cfg[name]
-        need(isinstance(value, int) and not isinstance(value, bool) and low <= value <= high,
-             f"{name} must be a whole number from {low}" + (f" to {high}" if high < 1e18 else "")
+        fits = isinstance(value, int) and not isinstance(value, bool) and low <= value
+        need(fits and (high is None or value <= high),
+             f"{name} must be a whole number from {low}" + (f" to {high}" if high else "")
              + f", got {value!r}")  # fmt: skip
 
     whole("port", 1, 65535)
